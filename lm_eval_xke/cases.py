@@ -1,0 +1,88 @@
+"""The contract between tasks and the `xke` model: edit requests, questions and edit cases.
+
+A task turns each benchmark record into one lm-eval doc whose ``doc["xke"]`` field is
+``EditCase.to_doc()``; the model reads it back with ``EditCase.from_doc``. One doc is one
+edit case, so lm-eval's ``--limit N`` means N edits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ROLES = ("reliability", "generality", "locality", "portability")
+PHASES = ("pre", "post")
+PROTOCOLS = ("teacher_forced", "generate")
+
+Phase = Literal["pre", "post"]
+Protocol = Literal["teacher_forced", "generate"]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write into the model: ``prompt`` + ``target_new``, with ``subject`` inside ``prompt``."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    lang: str
+
+    def __post_init__(self) -> None:
+        if self.subject not in self.prompt:
+            raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question asked of the model for an edit case.
+
+    ``answers`` are the gold strings (the first is the teacher-forcing target). ``phase`` says
+    whether it is asked on the unedited (``pre``) or the edited (``post``) model.
+    """
+
+    role: str
+    lang: str
+    prompt: str
+    answers: tuple[str, ...]
+    phase: Phase = "post"
+    protocol: Protocol = "teacher_forced"
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"question phase must be one of {PHASES}, got {self.phase!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"question protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not self.answers:
+            raise ValueError(f"question {self.prompt!r} has no answers")
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """Edit requests applied together, and the ordered questions that measure them.
+
+    ``source`` records where the case came from (data file, its sha256, how many records were
+    skipped, the F1 formula): the model reports it in the results JSON.
+    """
+
+    case_id: str
+    requests: tuple[EditRequest, ...]
+    questions: tuple[Question, ...]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        """A plain-dict form that survives a round trip through a `datasets.Dataset`."""
+        return {
+            "case_id": self.case_id,
+            "requests": [asdict(r) for r in self.requests],
+            "questions": [{**asdict(q), "answers": list(q.answers)} for q in self.questions],
+            "source": dict(self.source),
+        }
+
+    @classmethod
+    def from_doc(cls, data: dict[str, Any]) -> EditCase:
+        return cls(
+            case_id=str(data["case_id"]),
+            requests=tuple(EditRequest(**r) for r in data["requests"]),
+            questions=tuple(Question(**{**q, "answers": tuple(q["answers"])}) for q in data["questions"]),
+            source=dict(data.get("source") or {}),
+        )

@@ -1,0 +1,244 @@
+"""Editor plugins: the protocol, the applied-edit handle, hyper-parameters and the registry.
+
+An editor is a class registered under the entry-point group ``lm_eval_xke.editors``. Built-in
+editors are registered there by this package's own ``setup.cfg``, exactly as a third-party
+plugin would be. ``Editor.apply`` returns an :class:`AppliedEdit`, which knows how to undo
+itself and, for weight editors, exposes its change as low-rank factors per parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lm_eval_xke.cases import EditRequest
+
+ENTRY_POINT_GROUP = "lm_eval_xke.editors"
+
+
+class EditorError(ValueError):
+    """A problem with the editor choice or its hyper-parameters, worded for the user."""
+
+
+@dataclass(frozen=True)
+class WeightDelta:
+    """A change ``dW = b @ a`` of one parameter, in the parameter's own layout (LoRA convention).
+
+    ``b`` is ``[rows, rank]`` and ``a`` is ``[rank, cols]`` where ``[rows, cols]`` is the shape of
+    ``model.get_parameter(parameter)``.
+    """
+
+    parameter: str
+    b: Any  # torch.Tensor, typed loosely so that importing this module stays torch-free
+    a: Any
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def dense(self):
+        return self.b @ self.a
+
+
+class AppliedEdit:
+    """A handle on an edit that has been applied to a model.
+
+    ``restore()`` undoes it exactly. Weight editors fill ``deltas``; prompt editors set
+    ``prompt_transform``; memory editors may install forward wrappers and undo them in ``restore``.
+    """
+
+    def __init__(
+        self,
+        restore: Callable[[], None] | None = None,
+        deltas: Sequence[WeightDelta] = (),
+        prompt_transform: Callable[[str], str] | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._restore = restore
+        self.deltas = tuple(deltas)
+        self.prompt_transform = prompt_transform
+        self.info = dict(info or {})
+        self.restored = False
+
+    def restore(self) -> None:
+        if self.restored:
+            return
+        if self._restore is not None:
+            self._restore()
+        self.restored = True
+
+
+def apply_weight_deltas(model, deltas: Sequence[WeightDelta], info: Mapping[str, Any] | None = None) -> AppliedEdit:
+    """Add each delta to its parameter in place; the returned edit restores the saved originals bit-exactly."""
+    import torch
+
+    originals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for delta in deltas:
+            param = model.get_parameter(delta.parameter)
+            update = delta.dense().to(device=param.device, dtype=torch.float32)
+            if update.shape != param.shape:
+                raise ValueError(f"delta for {delta.parameter} has shape {tuple(update.shape)}, parameter has {tuple(param.shape)}")
+            originals.setdefault(delta.parameter, param.detach().clone())
+            # add in float32 and round once, so low-precision weights get the closest representable result
+            param.copy_((param.float() + update).to(param.dtype))
+
+    def restore() -> None:
+        with torch.no_grad():
+            for name, original in originals.items():
+                model.get_parameter(name).copy_(original)
+
+    return AppliedEdit(restore=restore, deltas=deltas, info=info)
+
+
+@dataclass
+class HyperParams:
+    """Base class of editor hyper-parameters. Subclasses are dataclasses whose fields carry ``help`` metadata."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Editor(ABC):
+    """A knowledge-editing method.
+
+    Subclasses set ``name``, ``hparams_class`` and optionally ``family_defaults`` (overrides of the
+    dataclass defaults per ``model.config.model_type``) and ``supports_batch``. One instance serves a
+    whole run, so it may cache per-model work (context templates, statistics).
+    """
+
+    name: ClassVar[str]
+    hparams_class: ClassVar[type[HyperParams]]
+    family_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    supports_batch: ClassVar[bool] = False
+    #: Why batch editing is not possible, shown to users who ask for it.
+    batch_unsupported_reason: ClassVar[str] = "the method edits one fact at a time"
+
+    @abstractmethod
+    def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
+        """Edit ``model`` so that it states every request; return the handle that undoes it."""
+
+    def resolve_hparams(
+        self, model_type: str, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> HyperParams:
+        """Dataclass defaults < family defaults for ``model_type`` < YAML ``config_file`` < ``overrides``."""
+        values: dict[str, Any] = dict(self.family_defaults.get(model_type, {}))
+        if config_file is not None:
+            values.update(_read_yaml_mapping(Path(config_file)))
+        values.update(overrides or {})
+        return build_hparams(self.hparams_class, values, source=f"editor '{self.name}'")
+
+
+def hparam_fields(cls: type[HyperParams]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def build_hparams(cls: type[HyperParams], values: Mapping[str, Any], source: str) -> HyperParams:
+    """Instantiate ``cls`` from ``values``, coercing strings and naming any unknown or ill-typed key."""
+    fields = hparam_fields(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise EditorError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for {source}; valid ones: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    coerced = {name: _coerce(value, hints[name], name, source) for name, value in values.items()}
+    return cls(**coerced)
+
+
+def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+    """Turn model_args strings (``"5"``, ``"4|5|6"``, ``"true"``) into the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    try:
+        if origin in (typing.Union, types.UnionType):
+            if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return _coerce(value, inner[0], name, source)
+        if origin in (list, tuple):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).replace(";", "|").split("|") if v != ""]
+            item_type = args[0] if args else str
+            return [_coerce(v, item_type, name, source) for v in items]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise EditorError(f"hyper-parameter '{name}' of {source} must be {_type_name(hint)}, got {value!r}") from None
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise EditorError(f"editor_config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise EditorError(f"editor_config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EditorError(f"editor_config file {path} must hold a mapping of hyper-parameter names to values")
+    return data
+
+
+# ---------------------------------------------------------------- registry
+
+_runtime_editors: dict[str, type[Editor]] = {}
+
+
+@cache
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def register_editor(name: str, cls: type[Editor]) -> None:
+    """Register an editor class at run time (notebooks, tests). Installed plugins use the entry-point group."""
+    _runtime_editors[name] = cls
+
+
+def available_editors() -> list[str]:
+    return sorted(set(_entry_points()) | set(_runtime_editors))
+
+
+def get_editor(name: str) -> type[Editor]:
+    if name in _runtime_editors:
+        return _runtime_editors[name]
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise EditorError(
+            f"unknown editor '{name}'; available editors: {', '.join(available_editors())}. "
+            f"Third-party editors register under the entry-point group '{ENTRY_POINT_GROUP}'."
+        )
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Editor)):
+        raise EditorError(f"entry point '{name}' ({ep.value}) does not name an Editor subclass")
+    return cls

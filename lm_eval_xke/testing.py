@@ -1,0 +1,72 @@
+"""Tiny random causal LMs with a byte-level tokenizer, for fast tests of editors and backends.
+
+Every byte is a token, so any language (Chinese included) tokenizes. Used by this package's
+tests and by plugin authors' tests; the models are random, so only mechanics can be tested on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+# A minimal chat template, so that --apply_chat_template and --system_instruction can be tested
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_level_tokenizer():
+    """A fast tokenizer with one token per byte plus ``<s>``, ``</s>``, ``<pad>``; adds ``<s>`` in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", clean_up_tokenization_spaces=False
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, num_layers: int = 4):
+    """A randomly initialised ``llama``, ``qwen2`` or ``gpt2`` model sized for CPU tests (head size 32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    vocab_size = len(SPECIAL_TOKENS) + 256
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=num_layers, n_head=2, n_positions=512, **common)
+    else:
+        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+        config = config_cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **common,
+        )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, num_layers: int = 4) -> Path:
+    """Write a tiny model and its tokenizer to ``path`` (a folder usable as ``pretrained=``)."""
+    path = Path(path)
+    tiny_causal_lm(arch, seed, num_layers).save_pretrained(path)
+    byte_level_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models saved once per session, and the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lm_eval_xke.testing import save_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path | None:
+    """``XKE_DATA_DIR``, else ``../shared/data`` beside the repository (CI layout), else None."""
+    candidates = [os.environ.get("XKE_DATA_DIR"), REPO.parent / "shared" / "data"]
+    for c in candidates:
+        if c and (Path(c) / "bizsre" / "bizsre_test.json").is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = shared_data_dir()
+    if found is None:
+        pytest.skip("real benchmark data not found: set XKE_DATA_DIR or place ../shared/data beside the repo")
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
