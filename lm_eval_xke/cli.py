@@ -1,0 +1,53 @@
+"""`lm-eval-xke`: the fallback runner and the project's tools.
+
+- ``lm-eval-xke run ...`` (or ``lm-eval-xke --tasks ... --model xke ...``): the stock lm-eval CLI with
+  xke registered first, for environments where the start-up hook does not run.
+- ``lm-eval-xke editors``: the installed editor plugins and their hyper-parameters.
+- ``lm-eval-xke models ...``: real small models that ship inside PyPI packages, converted for offline use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+TOOL_COMMANDS = ("editors", "models")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in TOOL_COMMANDS:
+        return run_lm_eval(argv)
+    parser = argparse.ArgumentParser(prog="lm-eval-xke", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    editors = sub.add_parser("editors", help="list the installed editor plugins and their hyper-parameters")
+    editors.set_defaults(func=list_editors)
+    from lm_eval_xke.offline_models import add_models_subcommand
+
+    add_models_subcommand(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """Run lm-eval's own CLI in this process after registering xke (``run`` is implied, as in lm_eval)."""
+    import lm_eval_xke
+    from lm_eval.__main__ import cli_evaluate
+
+    lm_eval_xke.register()
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def list_editors(args: argparse.Namespace) -> int:
+    from lm_eval_xke.editors import available_editors, get_editor
+
+    for name in available_editors():
+        cls = get_editor(name)
+        print(f"{name}  ({cls.__module__}.{cls.__qualname__}; batch: {'yes' if cls.supports_batch else 'no'})")
+        for f in dataclasses.fields(cls.hparams_class):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"    {f.name} = {default!r}  {f.metadata.get('help', '')}")
+    return 0
