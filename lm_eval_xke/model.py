@@ -1,0 +1,314 @@
+"""`xke`: an lm-eval model that edits the wrapped model per edit case before answering.
+
+Requests of docs that carry ``doc["xke"]`` (an :class:`~lm_eval_xke.cases.EditCase`) are grouped per
+``(task_name, doc_id)``. Their ``pre`` questions are answered on the unedited model, the editor
+plugin is applied, the ``post`` questions are answered, and the model is restored bit-exactly.
+Every other request passes through to the backend unedited, so ordinary tasks run under `xke` too.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from lm_eval_xke.cases import EditCase
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, get_editor, hparam_fields
+
+log = logging.getLogger(__name__)
+
+EDIT_MODES = ("single", "batch", "sequential")
+BACKENDS = ("hf",)
+TASK_OPTION_PREFIX = "xke_"  # model_args with this prefix are task options (they reach the tasks via metadata)
+TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol")  # set by each task YAML; a model_arg would override them
+
+
+@dataclass
+class _CaseWork:
+    """The requests of one edit case inside one call: positions in the call's request list."""
+
+    case: EditCase
+    positions: list[int] = field(default_factory=list)
+
+    def positions_in(self, requests: Sequence, phase: str) -> list[int]:
+        return [p for p in self.positions if self.case.questions[requests[p].idx].phase == phase]
+
+
+class XKELM(LM):
+    """Knowledge-editing wrapper registered as `xke`.
+
+    model_args: ``editor`` (registry name, default ``none``), ``editor_config`` (YAML file of
+    hyper-parameters), any hyper-parameter of the chosen editor by name, ``edit_mode``
+    (single | batch | sequential), ``edit_batch_size``, ``backend`` (hf), ``seed``, ``xke_*`` task
+    options, and every argument of the backend (for `hf`: those of lm-eval's HFLM).
+    """
+
+    def __init__(
+        self,
+        editor: str = "none",
+        editor_config: str | None = None,
+        edit_mode: str = "single",
+        edit_batch_size: int = 1,
+        backend: str = "hf",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        editor = "none" if editor is None else str(editor)  # lm-eval parses the model_arg `none` to None
+        if edit_mode not in EDIT_MODES:
+            raise EditorError(f"edit_mode must be one of {', '.join(EDIT_MODES)}, got {edit_mode!r}")
+        if backend not in BACKENDS:
+            raise EditorError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        editor_cls = get_editor(editor)
+        if edit_mode == "batch" and not editor_cls.supports_batch:
+            raise EditorError(
+                f"editor '{editor}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. "
+                "Use edit_mode=single or edit_mode=sequential."
+            )
+        if int(edit_batch_size) < 1:
+            raise EditorError(f"edit_batch_size must be >= 1, got {edit_batch_size!r}")
+        overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls)
+
+        from lm_eval_xke.backends.hf import HFBackend
+
+        self.backend = HFBackend(**backend_kwargs)
+        self.editor: Editor = editor_cls()
+        model_type = getattr(self.backend.model.config, "model_type", "")
+        self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides)
+        self.edit_mode = edit_mode
+        self.edit_batch_size = int(edit_batch_size) if edit_mode == "batch" else 1
+        self.seed = int(seed)
+        self._run = _RunRecord()
+
+    # ------------------------------------------------------------ lm-eval plumbing, forwarded
+
+    @property
+    def tokenizer(self):
+        return self.backend.tokenizer
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.backend.lm.tokenizer_name
+
+    @property
+    def eot_token_id(self):
+        return self.backend.lm.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.backend.lm.max_length
+
+    @property
+    def device(self):
+        return self.backend.lm.device
+
+    @property
+    def rank(self) -> int:
+        return self.backend.lm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.backend.lm.world_size
+
+    @property
+    def batch_sizes(self):
+        return self.backend.lm.batch_sizes
+
+    def all_gather(self, tensor):
+        return self.backend.lm.all_gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        return self.backend.lm.gather_object(obj, dst)
+
+    def barrier(self) -> None:
+        self.backend.lm.barrier()
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.backend.lm.chat_template(chat_template)
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.backend.lm.apply_chat_template(chat_history, add_generation_prompt)
+
+    def set_cache_hook(self, cache_hook) -> None:
+        if getattr(cache_hook, "dbdict", None) is not None:
+            raise ValueError(
+                "--use_cache cannot be used with --model xke: lm-eval's response cache is keyed on the prompt only, "
+                "so it would return answers of the unedited (or differently edited) model. Drop --use_cache."
+            )
+        super().set_cache_hook(cache_hook)
+
+    def get_model_info(self) -> dict:
+        info = self.backend.lm.get_model_info()
+        info["xke"] = {
+            "editor": self.editor.name,
+            "hparams": self.hparams.to_dict(),
+            "edit_mode": self.edit_mode,
+            "edit_batch_size": self.edit_batch_size,
+            "backend": self.backend.name,
+            "seed": self.seed,
+            "task_options": dict(self.task_options),
+            **self._run.summary(),
+        }
+        return info
+
+    # ------------------------------------------------------------ requests
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._answer_all(requests, self.backend.lm.loglikelihood, self._readout)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._answer_all(requests, self.backend.lm.generate_until, self.backend.generate)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        if any(_is_edit_request(r) for r in requests):
+            raise ValueError("xke edit cases cannot be scored with loglikelihood_rolling")
+        return self.backend.lm.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def _readout(self, instances: Sequence) -> list:
+        return [r.as_response() for r in self.backend.readout([inst.args for inst in instances])]
+
+    def _answer_all(self, requests: list, passthrough: Callable, answer: Callable) -> list:
+        """Answer every request, editing per case; results keep the order of ``requests``."""
+        results: list[Any] = [None] * len(requests)
+        plain = [i for i, r in enumerate(requests) if not _is_edit_request(r)]
+        if plain:
+            for i, out in zip(plain, passthrough([requests[i] for i in plain]), strict=True):
+                results[i] = out
+        works = self._group_cases(requests)
+        if not works:
+            return results
+
+        torch.manual_seed(self.seed)
+        self._answer_positions(requests, [p for w in works for p in w.positions_in(requests, "pre")], answer, results)
+        if self.edit_mode == "sequential":
+            self._run_sequential(requests, works, answer, results)
+        else:
+            for chunk_start in tqdm(range(0, len(works), self.edit_batch_size), desc=f"xke {self.editor.name} edits"):
+                chunk = works[chunk_start : chunk_start + self.edit_batch_size]
+                edit = self._apply([r for w in chunk for r in w.case.requests])
+                try:
+                    post = [p for w in chunk for p in w.positions_in(requests, "post")]
+                    self._answer_positions(requests, post, answer, results, [edit])
+                finally:
+                    edit.restore()
+        return results
+
+    def _run_sequential(self, requests: list, works: list[_CaseWork], answer: Callable, results: list) -> None:
+        """Apply every case's edit in order, keep them all, then answer all post questions; restore at the end."""
+        edits: list[AppliedEdit] = []
+        try:
+            for work in tqdm(works, desc=f"xke {self.editor.name} sequential edits"):
+                edits.append(self._apply(list(work.case.requests)))
+            post = [p for w in works for p in w.positions_in(requests, "post")]
+            self._answer_positions(requests, post, answer, results, edits)
+        finally:
+            for edit in reversed(edits):
+                edit.restore()
+
+    def _apply(self, edit_requests: list) -> AppliedEdit:
+        started = time.perf_counter()
+        edit = self.editor.apply(self.backend.model, self.backend.tokenizer, edit_requests, self.hparams)
+        self._run.edit_seconds.append(time.perf_counter() - started)
+        return edit
+
+    def _answer_positions(
+        self, requests: list, positions: list[int], answer: Callable, results: list, edits: Sequence[AppliedEdit] = ()
+    ) -> None:
+        """Answer the requests at ``positions`` in one call; a repeated position (lm-eval repeats/padding) once."""
+        unique = list(dict.fromkeys(positions))
+        if not unique:
+            return
+        instances = [requests[p] for p in unique]
+        for edit in edits:  # prompt editors (IKE) rewrite the prompt; weight editors leave it alone
+            if edit.prompt_transform is not None:
+                instances = [_with_context(inst, edit.prompt_transform(inst.args[0])) for inst in instances]
+        for p, out in zip(unique, answer(instances), strict=True):
+            results[p] = out
+
+    def _group_cases(self, requests: list) -> list[_CaseWork]:
+        works: dict[tuple[str, int], _CaseWork] = {}
+        for i, req in enumerate(requests):
+            if not _is_edit_request(req):
+                continue
+            key = (req.task_name, req.doc_id)
+            if key not in works:
+                works[key] = _CaseWork(EditCase.from_doc(req.doc["xke"]))
+                self._run.note_case(works[key].case)
+            works[key].positions.append(i)
+        return list(works.values())
+
+
+@dataclass
+class _RunRecord:
+    """What the run saw, for ``results["config"]["xke"]``: data sources, protocols, edit timings."""
+
+    sources: dict[str, dict] = field(default_factory=dict)
+    protocols: set[str] = field(default_factory=set)
+    n_cases: int = 0
+    edit_seconds: list[float] = field(default_factory=list)
+
+    def note_case(self, case: EditCase) -> None:
+        self.n_cases += 1
+        self.protocols.update(q.protocol for q in case.questions)
+        if case.source.get("file"):
+            self.sources.setdefault(case.source["file"], dict(case.source))
+
+    def summary(self) -> dict:
+        n = len(self.edit_seconds)
+        return {
+            "n_edit_cases": self.n_cases,
+            "protocols": sorted(self.protocols),
+            "data": list(self.sources.values()),
+            "edit_seconds_total": round(sum(self.edit_seconds), 3),
+            "edit_seconds_mean": round(sum(self.edit_seconds) / n, 3) if n else None,
+        }
+
+
+def _is_edit_request(request) -> bool:
+    doc = getattr(request, "doc", None)
+    return isinstance(doc, dict) and bool(doc.get("xke"))
+
+
+def _with_context(instance, context: str):
+    """A copy of ``instance`` whose first argument (the prompt) is replaced."""
+    clone = copy.copy(instance)
+    clone.arguments = (context, *instance.arguments[1:])
+    return clone
+
+
+def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor]) -> tuple[dict, dict, dict]:
+    """Split model_args into editor hyper-parameter overrides, ``xke_*`` task options and backend arguments."""
+    hparam_names = set(hparam_fields(editor_cls.hparams_class))
+    backend_names = set(inspect.signature(HFLM.__init__).parameters) - {"self", "backend", "kwargs"}
+    overrides, task_options, backend_kwargs, unknown = {}, {}, {}, []
+    for key, value in kwargs.items():
+        if key in TASK_FIXED_OPTIONS:
+            raise EditorError(f"model_arg '{key}' is fixed by each task (choose the task, e.g. bizsre_zh, instead)")
+        if key.startswith(TASK_OPTION_PREFIX):
+            task_options[key] = value
+        elif key in hparam_names:
+            overrides[key] = value
+        elif key in backend_names:
+            backend_kwargs[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise EditorError(
+            f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
+            f"xke arguments: editor, editor_config, edit_mode, edit_batch_size, backend, seed, xke_* task options; "
+            f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
+            f"backend (hf) arguments: {', '.join(sorted(backend_names))}"
+        )
+    if "pretrained" not in backend_kwargs:
+        raise EditorError("--model xke needs pretrained=<model name, local folder or PreTrainedModel>")
+    return overrides, task_options, backend_kwargs
