@@ -47,7 +47,9 @@ def _add_pth(wheel_path: str) -> None:
                 continue
             dst.writestr(item, src.read(item.filename))
         dst.writestr(PTH_NAME, PTH_LINE)
-        record = [line for line in src.read(record_name).decode().splitlines() if line and not line.startswith(PTH_NAME + ",")]
+        record = [
+            line for line in src.read(record_name).decode().splitlines() if line and not line.startswith(PTH_NAME + ",")
+        ]
         record.insert(len(record) - 1, f"{PTH_NAME},{_record_hash(PTH_LINE)},{len(PTH_LINE)}")
         dst.writestr(record_name, "\n".join(record) + "\n")
     os.replace(tmp_path, wheel_path)

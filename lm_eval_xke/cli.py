@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_lm_eval(argv: list[str]) -> int:
     """Run lm-eval's own CLI in this process after registering xke (``run`` is implied, as in lm_eval)."""
-    import lm_eval_xke
     from lm_eval.__main__ import cli_evaluate
+
+    import lm_eval_xke
 
     lm_eval_xke.register()
     sys.argv = ["lm_eval", *argv]

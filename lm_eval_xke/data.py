@@ -76,7 +76,8 @@ def repair_bizsre_test(raw: bytes) -> bytes:
     subject = en.get("subject") if isinstance(en, dict) else None
     if subject != _BIZSRE_REPAIR_SUBJECT or not isinstance(zh, dict):
         raise ValueError(
-            f"record {i} (en): subject is {subject!r}, expected {_BIZSRE_REPAIR_SUBJECT!r}; the upstream file has changed"
+            f"record {i} (en): subject is {subject!r}, expected {_BIZSRE_REPAIR_SUBJECT!r}; "
+            "the upstream file has changed"
         )
     zh["loc"] = _BIZSRE_REPAIR_ZH_LOC
     return canonical_json_bytes(data)

@@ -86,7 +86,9 @@ def apply_weight_deltas(model, deltas: Sequence[WeightDelta], info: Mapping[str,
             param = model.get_parameter(delta.parameter)
             update = delta.dense().to(device=param.device, dtype=torch.float32)
             if update.shape != param.shape:
-                raise ValueError(f"delta for {delta.parameter} has shape {tuple(update.shape)}, parameter has {tuple(param.shape)}")
+                raise ValueError(
+                    f"delta for {delta.parameter} has shape {tuple(update.shape)}, parameter has {tuple(param.shape)}"
+                )
             originals.setdefault(delta.parameter, param.detach().clone())
             # add in float32 and round once, so low-precision weights get the closest representable result
             param.copy_((param.float() + update).to(param.dtype))
@@ -165,7 +167,11 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             inner = [a for a in args if a is not type(None)]
             return _coerce(value, inner[0], name, source)
         if origin in (list, tuple):
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).replace(";", "|").split("|") if v != ""]
+            items = (
+                value
+                if isinstance(value, (list, tuple))
+                else [v for v in str(value).replace(";", "|").split("|") if v != ""]
+            )
             item_type = args[0] if args else str
             return [_coerce(v, item_type, name, source) for v in items]
         if hint is bool:

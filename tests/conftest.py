@@ -42,3 +42,14 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from its PyPI package (cached across runs under ~/.cache/lm_eval_xke)."""
+    from lm_eval_xke import offline_models
+
+    try:
+        return offline_models.prepare("smollm2-135m-instruct")
+    except offline_models.OfflineModelError as err:
+        pytest.skip(f"SmolLM2 not available offline: {err}")

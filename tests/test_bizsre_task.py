@@ -68,7 +68,9 @@ def test_teacher_forced_scores_by_hand(zh_docs):
 
 
 def test_legacy_pr_formula_is_selectable(data_dir):
-    docs = load_dataset(xke_edit_lang="en", xke_protocol="teacher_forced", xke_f1="legacy_pr", xke_data_file=str(data_dir))
+    docs = load_dataset(
+        xke_edit_lang="en", xke_protocol="teacher_forced", xke_f1="legacy_pr", xke_data_file=str(data_dir)
+    )
     doc = docs["test"][0]
     case = EditCase.from_doc(doc["xke"])
     results = [readout("a", "b", [1, 2, 2, 3], [2, 2, 4]) for _ in case.questions]

@@ -36,8 +36,12 @@ class Readout:
 
     def as_response(self) -> tuple[float, bool, str]:
         """lm-eval's loglikelihood pair, plus the read-out as JSON (lm-eval logs response items with ``str``)."""
-        details = {"answer": self.answer, "target": self.target, "answer_ids": self.answer_ids,
-                   "target_ids": self.target_ids}
+        details = {
+            "answer": self.answer,
+            "target": self.target,
+            "answer_ids": self.answer_ids,
+            "target_ids": self.target_ids,
+        }
         return (self.loglikelihood, self.is_greedy, json.dumps(details, ensure_ascii=False))
 
 

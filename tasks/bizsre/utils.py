@@ -67,7 +67,12 @@ def _doc(index: int, record: dict, edit_lang: str, protocol: str, source: dict) 
         *(ask("locality", lang, record[lang]["loc"], record[lang]["loc_ans"], "pre") for lang in LANGS),
         *(ask("locality", lang, record[lang]["loc"], record[lang]["loc_ans"]) for lang in LANGS),
         *(
-            ask("portability", lang, record[lang]["portability"]["New Question"], record[lang]["portability"]["New Answer"])
+            ask(
+                "portability",
+                lang,
+                record[lang]["portability"]["New Question"],
+                record[lang]["portability"]["New Answer"],
+            )
             for lang in LANGS
         ),
     ]

@@ -1,0 +1,164 @@
+"""The `xke` model: per-case scheduling, exact restoration, pass-through, and argument errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_xke.cases import EditCase, EditRequest, Question
+from lm_eval_xke.editors import EditorError
+from lm_eval_xke.model import XKELM
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# On a random tiny model ROME can steer only the token predicted at the edited (subject-last) position, so the
+# subject ends the prompt and the tests look at the first target token: the byte-level space.
+def make_case(subject: str = "Ruritania", target: str = "Berlin") -> dict:
+    prompt = f"The capital city of {subject}"
+    case = EditCase(
+        case_id=subject,
+        requests=(EditRequest(prompt=prompt, subject=subject, target_new=target, lang="en"),),
+        questions=(
+            Question("locality", "en", "Water is made of", ("hydrogen",), phase="pre"),
+            Question("reliability", "en", prompt, (target,)),
+            Question("locality", "en", "Water is made of", ("hydrogen",)),
+        ),
+    )
+    return {"xke": case.to_doc()}
+
+
+def first_token_edited(response: tuple) -> bool:
+    return json.loads(response[2])["answer"].startswith(" ")
+
+
+def requests_for(doc: dict, doc_id: int, task: str = "t") -> list[Instance]:
+    case = EditCase.from_doc(doc["xke"])
+    return [
+        Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), idx, (task, doc_id, 1))
+        for idx, q in enumerate(case.questions)
+    ]
+
+
+# A random model's MLP outputs are tiny (||v_init|| ~ 0.02): without decay and with a loose clamp ROME can move them.
+TINY_ROME = dict(
+    layer=1, context_template_lengths=5, context_templates_per_length=5, clamp_norm_factor=100.0, v_weight_decay=0.0
+)
+
+
+@pytest.fixture(scope="module")
+def rome_lm(tiny_llama_dir):
+    return XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", **TINY_ROME)
+
+
+def test_edit_lands_and_restore_is_bit_exact(rome_lm):
+    before = parameter_digest(rome_lm.backend.model)
+    docs = [make_case("Ruritania", "Berlin"), make_case("Freedonia", "Tokyo")]
+    requests = [r for i, d in enumerate(docs) for r in requests_for(d, i)]
+    unedited = rome_lm.backend.readout([r.args for r in requests])
+    assert not any(first_token_edited(u.as_response()) for u in unedited[1::3])  # precondition
+    out = rome_lm.loglikelihood(requests)
+    assert parameter_digest(rome_lm.backend.model) == before
+    assert all(first_token_edited(out[i]) for i in (1, 4))  # post questions see the edit
+    assert out[0] == unedited[0].as_response() and out[3] == unedited[3].as_response()  # pre questions do not
+    assert rome_lm.backend.readout([requests[1].args])[0] == unedited[1]  # and nothing is left behind
+
+
+def test_order_kept_with_plain_requests_and_repeats(rome_lm):
+    doc = make_case()
+    edit_requests = requests_for(doc, 0)
+    plain = Instance("loglikelihood", {"text": "x"}, ("Hello", " world"), 0, ("plain", 0, 1))
+    requests = [plain, edit_requests[1], edit_requests[0], edit_requests[1], plain, edit_requests[2]]
+    out = rome_lm.loglikelihood(requests)
+    assert len(out) == len(requests)
+    assert out[0] == out[4] and len(out[0]) == 2  # plain requests answered by HFLM, unedited
+    assert out[1] == out[3]  # the same Instance repeated (lm-eval repeats/padding) gets the same answer
+    assert first_token_edited(out[1])
+
+
+def test_readout_agrees_with_lm_eval_loglikelihood(rome_lm):
+    pairs = [("The capital of France is", " Paris"), ("北京是", "中国的首都")]
+    ours = rome_lm.backend.readout(pairs)
+    theirs = HFLM.loglikelihood(rome_lm.backend.lm, [Instance("loglikelihood", {}, p, 0) for p in pairs])
+    for readout, (ll, greedy) in zip(ours, theirs, strict=True):
+        assert readout.loglikelihood == pytest.approx(ll, abs=1e-4)
+        assert readout.is_greedy == greedy
+        assert len(readout.answer.encode()) > 0
+
+
+def test_sequential_mode_keeps_edits_until_the_end_then_restores(tiny_llama_dir):
+    lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", edit_mode="sequential", **TINY_ROME)
+    before = parameter_digest(lm.backend.model)
+    requests = requests_for(make_case("Ruritania", "Berlin"), 0) + requests_for(make_case("Freedonia", "Tokyo"), 1)
+    out = lm.loglikelihood(requests)
+    assert parameter_digest(lm.backend.model) == before
+    assert first_token_edited(out[1]) and first_token_edited(out[4])  # both edits present when answering
+    assert lm.get_model_info()["xke"]["n_edit_cases"] == 2
+
+
+def test_use_cache_is_refused(rome_lm):
+    class Hook:
+        dbdict = {}
+
+    with pytest.raises(ValueError, match="--use_cache"):
+        rome_lm.set_cache_hook(Hook())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"editor": "romee"}, "unknown editor 'romee'; available editors: .*rome"),
+        ({"editor": "rome", "layr": 1}, "unknown model_args for --model xke: layr.*layer"),
+        ({"editor": "rome", "layer": "five"}, "hyper-parameter 'layer' of editor 'rome' must be int"),
+        ({"editor": "rome", "edit_mode": "batch"}, "cannot edit in batch mode"),
+        ({"editor": "none", "edit_mode": "parallel"}, "edit_mode must be one of single, batch, sequential"),
+        ({"editor": "none", "xke_edit_lang": "en"}, "fixed by each task"),
+    ],
+)
+def test_bad_model_args_say_what_is_valid(tiny_llama_dir, kwargs, message):
+    with pytest.raises(EditorError, match=message):
+        XKELM(pretrained=str(tiny_llama_dir), device="cpu", **kwargs)
+
+
+def test_editor_config_yaml_and_errors(tiny_llama_dir, tmp_path):
+    good = tmp_path / "rome.yaml"
+    good.write_text("layer: 2\nv_num_grad_steps: 3\n")
+    lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", editor_config=str(good), v_lr=0.1)
+    assert (lm.hparams.layer, lm.hparams.v_num_grad_steps, lm.hparams.v_lr) == (2, 3, 0.1)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("layer: [1\n")
+    with pytest.raises(EditorError, match="not valid YAML"):
+        XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", editor_config=str(broken))
+
+
+def test_ordinary_tasks_pass_through_unedited(tiny_llama_dir, tmp_path):
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Question {i}?", "a": "yes"}) + "\n" for i in range(3)))
+    (tmp_path / "plain_task.yaml").write_text(
+        "task: xke_plain_probe\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    kwargs = {"tasks": ["xke_plain_probe"], "task_manager": tm, "limit": 3}
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={tiny_llama_dir},device=cpu", **kwargs)
+    xke = simple_evaluate(
+        model="xke", model_args=f"pretrained={tiny_llama_dir},device=cpu,editor=rome,layer=1", **kwargs
+    )
+    assert xke["results"]["xke_plain_probe"]["acc,none"] == hf["results"]["xke_plain_probe"]["acc,none"]
+    assert xke["config"]["xke"]["n_edit_cases"] == 0
