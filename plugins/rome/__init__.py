@@ -1,0 +1,149 @@
+"""ROME, Rank-One Model Editing (Meng et al. 2022, arXiv 2202.05262): one rank-one update of one MLP per fact.
+
+The math lives in ``compute.py`` (``compute_k``, ``compute_u``, ``compute_v``, ``compute_right``); this module
+checks the hyper-parameters, caches per-model work and applies the requests one after another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from weakref import WeakKeyDictionary
+
+import torch
+
+from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
+from lm_eval_xke.stats import load_texts, second_moment
+
+from .compute import (
+    compute_k,
+    compute_right,
+    compute_u,
+    compute_v,
+    generate_context_templates,
+    inverse_second_moment,
+    rank_one_delta,
+)
+from .config import FACT_TOKENS, FAMILY_DEFAULTS, RomeHyperParams
+
+
+class RomeEditor(Editor):
+    """Writes each request with one rank-one update of ``module_template.format(layer)``."""
+
+    name = "rome"
+    hparams_class = RomeHyperParams
+    family_defaults = FAMILY_DEFAULTS
+    supports_batch = False
+    batch_unsupported_reason = "ROME writes one fact per rank-one update; use MEMIT to write many facts at once"
+
+    def __init__(self) -> None:
+        # per-model caches, weakly keyed so that a dropped model frees its entries
+        self._templates: WeakKeyDictionary = WeakKeyDictionary()
+        self._inv_mom2: WeakKeyDictionary = WeakKeyDictionary()
+
+    def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
+        """Edit the requests in order, each on the model as edited so far; one handle restores them all."""
+        hp = self.check_hparams(model, hparams)
+        module = model.get_submodule(hp.module_name)
+        was_training = model.training
+        model.eval()  # no dropout while keys and values are measured
+        applied: list[AppliedEdit] = []
+        records: list[dict] = []
+        try:
+            templates = self.context_templates(model, tokenizer, hp)
+            inv_mom2 = self.inverse_mom2(model, tokenizer, hp) if hp.mom2_adjustment else None
+            for request in requests:
+                start = time.perf_counter()
+                u = compute_u(compute_k(model, tokenizer, module, request, templates, hp.fact_token), inv_mom2)
+                solution = compute_v(model, tokenizer, module, request, templates, hp)
+                right = compute_right(u, solution)
+                delta = rank_one_delta(f"{hp.module_name}.weight", module, u, right)
+                applied.append(apply_weight_deltas(model, [delta]))
+                records.append(
+                    {
+                        "subject": request.subject,
+                        "target_new": request.target_new,
+                        "nll": solution.nll,
+                        "steps": solution.steps,
+                        "v_init_norm": solution.v_init_norm,
+                        "delta_norm": solution.delta_norm,
+                        "update_norm": float(right.norm() * u.norm()),  # ||right ⊗ u||_F
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+        except BaseException:
+            _restore_all(applied)
+            raise
+        finally:
+            model.train(was_training)
+        info = {"method": self.name, "module": hp.module_name, "requests": records}
+        return AppliedEdit(
+            restore=lambda: _restore_all(applied),
+            deltas=merge_deltas([d for a in applied for d in a.deltas]),
+            info=info,
+        )
+
+    def check_hparams(self, model, hparams: HyperParams) -> RomeHyperParams:
+        """Reject settings that cannot work on this model, naming the fix."""
+        if not isinstance(hparams, RomeHyperParams):
+            raise EditorError(f"editor 'rome' needs RomeHyperParams, got {type(hparams).__name__}")
+        if hparams.fact_token not in FACT_TOKENS:
+            raise EditorError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {hparams.fact_token!r}")
+        try:
+            module = model.get_submodule(hparams.module_name)
+        except AttributeError:
+            layers = getattr(model.config, "num_hidden_layers", "?")
+            raise EditorError(
+                f"module {hparams.module_name!r} not found (model_type {model.config.model_type!r}, {layers} layers); "
+                "set module_template and layer"
+            ) from None
+        if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
+            raise EditorError(f"ROME edits a linear module; {hparams.module_name} is a {type(module).__name__}")
+        if hparams.mom2_adjustment:
+            if not hparams.mom2_corpus:
+                raise EditorError("mom2_adjustment needs mom2_corpus: a .txt (one document per line) or .json file")
+            if not Path(hparams.mom2_corpus).is_file():
+                raise EditorError(f"mom2_corpus file {hparams.mom2_corpus} does not exist")
+        return hparams
+
+    def context_templates(self, model, tokenizer, hp: RomeHyperParams) -> list[str]:
+        """Context templates sampled once per model (and per template settings), then reused for every edit."""
+        key = (tuple(hp.context_template_lengths), hp.context_templates_per_length, hp.template_seed)
+        per_model = self._templates.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = generate_context_templates(
+                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
+            )
+        return per_model[key]
+
+    def inverse_mom2(self, model, tokenizer, hp: RomeHyperParams) -> torch.Tensor:
+        """``C^-1`` of the edited module's keys; statistics come from the on-disk cache when possible."""
+        key = (hp.module_name, str(Path(hp.mom2_corpus).resolve()), hp.mom2_n_tokens)
+        per_model = self._inv_mom2.setdefault(model, {})
+        if key not in per_model:
+            texts = load_texts(hp.mom2_corpus)
+            mom2 = second_moment(model, tokenizer, hp.module_name, texts, hp.mom2_n_tokens, hp.mom2_batch_size)
+            per_model[key] = inverse_second_moment(mom2).to(model.get_submodule(hp.module_name).weight.device)
+        return per_model[key]
+
+
+def merge_deltas(deltas: Sequence[WeightDelta]) -> list[WeightDelta]:
+    """One delta per parameter: rank-one deltas of the same weight stack into one rank-k ``b @ a``."""
+    grouped: dict[str, list[WeightDelta]] = {}
+    for delta in deltas:
+        grouped.setdefault(delta.parameter, []).append(delta)
+    return [
+        WeightDelta(parameter=name, b=torch.cat([d.b for d in group], dim=1), a=torch.cat([d.a for d in group], dim=0))
+        for name, group in grouped.items()
+    ]
+
+
+def _restore_all(applied: Sequence[AppliedEdit]) -> None:
+    # newest first: the oldest handle holds the weights as they were before any edit
+    for edit in reversed(applied):
+        edit.restore()
+
+
+__all__ = ["RomeEditor", "RomeHyperParams"]

@@ -1,0 +1,72 @@
+"""ROME hyper-parameters and their defaults per model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lm_eval_xke.editors import HyperParams
+
+#: Where ROME writes, per ``model.config.model_type``. Layer 5 is EasyEdit's LLaMA-7B choice; it is also an
+#: early-middle layer of the small models (SmolLM2-135M: 30 layers, Qwen2.5-0.5B: 24, Gemma-3-270M: 18).
+#: GPT-2's MLP output is ``c_proj``, a ``Conv1D`` whose weight is stored ``[in, out]``; the original ROME
+#: edits layer 17 of the 48-layer GPT-2 XL, and 5 is the matching early-middle depth for the 12-layer GPT-2.
+FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
+    "llama": {"layer": 5, "module_template": "model.layers.{}.mlp.down_proj"},
+    "qwen2": {"layer": 5, "module_template": "model.layers.{}.mlp.down_proj"},
+    "gemma3_text": {"layer": 5, "module_template": "model.layers.{}.mlp.down_proj"},
+    "gpt2": {"layer": 5, "module_template": "transformer.h.{}.mlp.c_proj"},
+}
+
+FACT_TOKENS = ("subject_last", "last")
+
+
+@dataclass
+class RomeHyperParams(HyperParams):
+    """Hyper-parameters of ROME (Meng et al. 2022); defaults follow EasyEdit's ``ROME/llama-7b.yaml``."""
+
+    layer: int = field(default=5, metadata={"help": "index of the transformer block whose MLP output is edited"})
+    module_template: str = field(
+        default="model.layers.{}.mlp.down_proj",
+        metadata={"help": "name of the edited linear module; '{}' is replaced by `layer`"},
+    )
+    fact_token: str = field(
+        default="subject_last",
+        metadata={"help": "token whose key is edited: 'subject_last' (the paper) or 'last' (last prompt token)"},
+    )
+    v_num_grad_steps: int = field(default=25, metadata={"help": "Adam steps when optimising the value vector v*"})
+    v_lr: float = field(default=0.5, metadata={"help": "Adam learning rate for the value vector"})
+    v_weight_decay: float = field(
+        default=1e-3, metadata={"help": "weight of ||delta||^2 / ||v_init||^2 in the value loss"}
+    )
+    clamp_norm_factor: float = field(
+        default=4.0, metadata={"help": "||delta|| is clamped to this multiple of ||v_init|| after every step"}
+    )
+    kl_factor: float = field(
+        default=0.0625, metadata={"help": "weight of the KL term that keeps '{subject} is a' predictions unchanged"}
+    )
+    early_stop_loss: float = field(
+        default=0.05, metadata={"help": "stop optimising once the mean target NLL falls below this"}
+    )
+    context_template_lengths: list[int] = field(
+        default_factory=lambda: [5, 10],
+        metadata={"help": "token lengths of the generated context prefixes (model_args: '5|10')"},
+    )
+    context_templates_per_length: int = field(
+        default=10, metadata={"help": "number of generated context prefixes per length"}
+    )
+    mom2_adjustment: bool = field(
+        default=False,
+        metadata={"help": "use u = C^-1 k with C the key second moment (off in EasyEdit's LLaMA configs)"},
+    )
+    mom2_corpus: str = field(
+        default="",
+        metadata={"help": "text corpus for C: .txt (one document per line) or .json; required with mom2_adjustment"},
+    )
+    mom2_n_tokens: int = field(default=100_000, metadata={"help": "number of corpus tokens that C is estimated on"})
+    mom2_batch_size: int = field(default=8, metadata={"help": "documents per forward pass when estimating C"})
+    # not `seed`: that model_arg is taken by the xke model itself and would never reach the editor
+    template_seed: int = field(default=0, metadata={"help": "seed of the context-template sampling"})
+
+    @property
+    def module_name(self) -> str:
+        return self.module_template.format(self.layer)

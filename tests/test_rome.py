@@ -1,0 +1,331 @@
+"""ROME on tiny random models: the edit lands, restores bit-exactly and is exposed as a rank-one weight delta.
+
+On a random model only the token predicted *at* the edited position can be steered: later target tokens would
+need the downstream circuitry of a trained model to read the new value back (a random 4-layer model's attention
+is near uniform and tiny, so no delta at the subject reaches them). The tests therefore check the write itself
+(``W' k = v*``), the first target token, the drop of the target NLL, and everything around the update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lm_eval_xke import stats
+from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editors import EditorError, apply_weight_deltas
+from lm_eval_xke.plugins.none import NoEditor
+from lm_eval_xke.plugins.rome import RomeEditor, RomeHyperParams
+from lm_eval_xke.plugins.rome.compute import (
+    compute_k,
+    compute_right,
+    compute_u,
+    compute_v,
+    fact_token_index,
+    rank_one_delta,
+    split_prompt_target,
+    trace_module,
+)
+
+# Small template set and no weight decay: a random model's values are tiny (||v_init|| ~ 0.02), so the
+# default decay and clamp (relative to ||v_init||) would hold delta near zero.
+FAST = {
+    "layer": 1,
+    "context_template_lengths": [5],
+    "context_templates_per_length": 5,
+    "clamp_norm_factor": 100.0,
+    "v_weight_decay": 0.0,
+}
+# the subject ends the prompt, so the first target token is predicted at the edited position
+EN = EditRequest("The capital of France", "France", "Rome", "en")
+ZH = EditRequest("法国的首都是", "法国", "巴黎", "zh")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models gain nothing from threads, and on a busy 2-core machine spinning threads slow them down a lot
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def arch_dir(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+def load(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def hparams(model_type: str, **overrides) -> RomeHyperParams:
+    return RomeEditor().resolve_hparams(model_type, overrides={**FAST, **overrides})
+
+
+def param_hashes(model) -> dict[str, str]:
+    return {
+        n: hashlib.sha256(p.detach().contiguous().numpy().tobytes()).hexdigest() for n, p in model.named_parameters()
+    }
+
+
+def target_logprobs(model, tokenizer, request: EditRequest) -> tuple[torch.Tensor, list[int]]:
+    """Teacher-forced log-probs at the target positions of ``prompt + " " + target``, and the target ids."""
+    prompt_ids, target_ids = split_prompt_target(tokenizer, request.prompt, request.target_new)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + target_ids[:-1]])).logits[0]
+    return logits[len(prompt_ids) - 1 :].log_softmax(-1), target_ids
+
+
+def target_nll(model, tokenizer, request: EditRequest) -> float:
+    log_probs, target_ids = target_logprobs(model, tokenizer, request)
+    return -log_probs[torch.arange(len(target_ids)), torch.tensor(target_ids)].mean().item()
+
+
+# ---------------------------------------------------------------- tokens and positions
+
+
+@pytest.mark.parametrize(("prompt", "target"), [("The capital of France is", "Rome"), ("法国的首都是", "巴黎")])
+def test_split_prompt_target_gives_the_joining_space_to_the_target(tiny_llama_dir, prompt, target):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt_ids, target_ids = split_prompt_target(tokenizer, prompt, target)
+    assert prompt_ids == tokenizer(prompt)["input_ids"]
+    assert prompt_ids + target_ids == tokenizer(prompt + " " + target)["input_ids"]
+    assert tokenizer.decode(target_ids) == " " + target
+    assert target_ids == tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+
+
+def test_split_prompt_target_matches_lm_eval_encode_pair(tiny_llama_dir):
+    """The edit learns exactly the ids that the teacher-forced read-out (lm-eval's HFLM) scores."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(tiny_llama_dir), device="cpu", dtype="float32")
+    for prompt, target in [("The capital of France is", "Rome"), ("法国的首都是", "巴黎"), ("Q: trailing space ", "X")]:
+        assert split_prompt_target(lm.tokenizer, prompt, target) == lm._encode_pair(prompt, " " + target)
+
+
+def test_fact_token_index_finds_the_subject_in_the_prompt_not_in_the_prefix(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    template = "France and 法国 are big. {}"
+    for prompt, subject in [("The capital of France is", "France"), ("法国的首都是", "法国")]:
+        ids = tokenizer(template.format(prompt))["input_ids"]
+        index = fact_token_index(tokenizer, template, prompt, subject, "subject_last")
+        head = tokenizer.decode(ids[: index + 1], skip_special_tokens=True)
+        assert head == template.format(prompt[: prompt.index(subject) + len(subject)])
+        assert fact_token_index(tokenizer, template, prompt, subject, "last") == len(ids) - 1
+
+
+def test_context_templates_are_seeded_cached_and_leave_the_global_rng_alone(tiny_llama_dir):
+    model, tokenizer = load(tiny_llama_dir)
+    hp = hparams("llama")
+    editor = RomeEditor()
+    rng = torch.random.get_rng_state()
+    templates = editor.context_templates(model, tokenizer, hp)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert templates[0] == "{}" and len(templates) == 1 + 5
+    assert all(t.endswith(". {}") and t.count("{}") == 1 for t in templates[1:])
+    assert editor.context_templates(model, tokenizer, hp) is templates
+    assert RomeEditor().context_templates(model, tokenizer, hp) == templates
+    assert RomeEditor().context_templates(model, tokenizer, hparams("llama", template_seed=1)) != templates
+
+
+# ---------------------------------------------------------------- the edit
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_edit_lands_on_the_edit_prompt(arch, request):
+    """(a) The first target token flips to the target and the target NLL falls."""
+    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    log_probs, target_ids = target_logprobs(model, tokenizer, EN)
+    assert log_probs[0].argmax().item() != target_ids[0]
+    nll_before = target_nll(model, tokenizer, EN)
+
+    edit = RomeEditor().apply(model, tokenizer, [EN], hparams(arch))
+
+    log_probs, _ = target_logprobs(model, tokenizer, EN)
+    assert log_probs[0].argmax().item() == target_ids[0]
+    assert target_nll(model, tokenizer, EN) < nll_before - 0.1
+    (record,) = edit.info["requests"]
+    assert record["steps"] > 0 and record["nll"] < nll_before and record["delta_norm"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rank_one_update_writes_v_star_at_the_subject_key(arch, request):
+    """(a, d) ``(W + right ⊗ u) k = v*``, in nn.Linear's [out, in] and GPT-2 Conv1D's [in, out] layout."""
+    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    hp = hparams(arch)
+    module = model.get_submodule(hp.module_name)
+    templates = RomeEditor().context_templates(model, tokenizer, hp)
+    u = compute_u(compute_k(model, tokenizer, module, EN, templates, hp.fact_token))
+    solution = compute_v(model, tokenizer, module, EN, templates, hp)
+    delta = rank_one_delta(f"{hp.module_name}.weight", module, u, compute_right(u, solution))
+    if arch == "gpt2":  # Conv1D weight is [in=256, out=64]
+        assert delta.b.shape == (256, 1) and delta.a.shape == (1, 64)
+    else:  # Linear weight is [out=64, in=128]
+        assert delta.b.shape == (64, 1) and delta.a.shape == (1, 128)
+    apply_weight_deltas(model, [delta])
+
+    ids = tokenizer(EN.prompt)["input_ids"]
+    with torch.no_grad(), trace_module(module) as record:
+        model(torch.tensor([ids]))
+    position = fact_token_index(tokenizer, "{}", EN.prompt, EN.subject, "subject_last")
+    assert torch.allclose(record["input"][0, position], solution.k_plain, atol=1e-6)
+    assert torch.allclose(record["output"][0, position], solution.v_star, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_delta_is_rank_one_on_the_edited_module_only(arch_dir):
+    """(c, d) Only the edited weight changes, by exactly ``delta.dense()``, which has rank one."""
+    arch, path = arch_dir
+    model, tokenizer = load(path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hp = hparams(arch)
+
+    edit = RomeEditor().apply(model, tokenizer, [EN], hp)
+
+    (delta,) = edit.deltas
+    assert delta.parameter == f"{hp.module_name}.weight" and delta.rank == 1
+    assert torch.linalg.matrix_rank(delta.dense()).item() == 1
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {delta.parameter}
+    change = model.get_parameter(delta.parameter).detach() - before[delta.parameter]
+    assert torch.allclose(change, delta.dense(), atol=1e-6 * delta.dense().abs().max().item() + 1e-7)
+
+
+def test_sequential_requests_restore_bit_exactly(tiny_llama_dir):
+    """(b) Two requests, each on the model as edited so far; one restore undoes both, bit for bit."""
+    model, tokenizer = load(tiny_llama_dir)
+    original = param_hashes(model)
+
+    edit = RomeEditor().apply(model, tokenizer, [EN, ZH], hparams("llama"))
+
+    assert param_hashes(model) != original
+    assert [r["target_new"] for r in edit.info["requests"]] == ["Rome", "巴黎"]
+    (delta,) = edit.deltas  # both edits touch one weight: one delta of rank two
+    assert delta.rank == 2
+    edit.restore()
+    assert param_hashes(model) == original
+    edit.restore()  # a second restore is a no-op
+    assert param_hashes(model) == original
+
+
+def test_chinese_request_on_byte_level_tokenizer(tiny_qwen2_dir):
+    """(g) A Chinese prompt: the subject ends mid-prompt on a byte boundary and the target NLL still falls."""
+    model, tokenizer = load(tiny_qwen2_dir)
+    original = param_hashes(model)
+    nll_before = target_nll(model, tokenizer, ZH)
+
+    edit = RomeEditor().apply(model, tokenizer, [ZH], hparams("qwen2"))
+
+    assert target_nll(model, tokenizer, ZH) < nll_before
+    assert edit.info["requests"][0]["nll"] < nll_before
+    edit.restore()
+    assert param_hashes(model) == original
+
+
+def test_early_stop_and_restored_grad_flags(tiny_llama_dir):
+    model, tokenizer = load(tiny_llama_dir)
+    model.train()
+    edit = RomeEditor().apply(model, tokenizer, [EN], hparams("llama", early_stop_loss=100.0))
+    assert edit.info["requests"][0]["steps"] == 0
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------- hyper-parameters
+
+
+def test_unknown_hyper_parameter_lists_the_valid_ones():
+    """(e)"""
+    with pytest.raises(EditorError) as err:
+        RomeEditor().resolve_hparams("llama", overrides={"layers": 5})
+    assert "layers" in str(err.value)
+    for name in ("layer", "module_template", "v_lr", "mom2_adjustment"):
+        assert name in str(err.value)
+
+
+def test_family_defaults_and_string_overrides():
+    gpt2 = RomeEditor().resolve_hparams("gpt2", overrides={"context_template_lengths": "5|10", "layer": "3"})
+    assert gpt2.module_name == "transformer.h.3.mlp.c_proj"
+    assert gpt2.context_template_lengths == [5, 10]
+    assert RomeEditor().resolve_hparams("qwen2").module_name == "model.layers.5.mlp.down_proj"
+
+
+def test_bad_settings_are_editor_errors(tiny_llama_dir):
+    model, tokenizer = load(tiny_llama_dir)
+    for overrides, message in [
+        ({"layer": 99}, "not found"),
+        ({"fact_token": "subject_first"}, "fact_token"),
+        ({"mom2_adjustment": True}, "mom2_corpus"),
+    ]:
+        with pytest.raises(EditorError, match=message):
+            RomeEditor().apply(model, tokenizer, [EN], hparams("llama", **overrides))
+
+
+# ---------------------------------------------------------------- covariance statistics
+
+
+def test_covariance_adjustment_uses_and_repairs_the_stats_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    """(f) u = C^-1 k with C from a small corpus; C is cached on disk, reused, and rebuilt when corrupted."""
+    model, tokenizer = load(tiny_llama_dir)
+    words = "the of and river city king war music science school language north village island".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(words[(i * j) % len(words)] for j in range(12)) for i in range(60)))
+    monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
+    tallies = []
+    real_tally = stats.tally_second_moment
+    monkeypatch.setattr(stats, "tally_second_moment", lambda *a, **k: tallies.append(1) or real_tally(*a, **k))
+    hp = hparams("llama", mom2_adjustment=True, mom2_corpus=str(corpus), mom2_n_tokens=2000)
+
+    def edit_once():
+        edit = RomeEditor().apply(model, tokenizer, [EN], hp)  # a fresh editor: no in-process cache
+        edit.restore()
+        return edit.deltas[0]
+
+    first = edit_once()
+    (cache_file,) = (tmp_path / "cache" / "stats").glob("*.pt")
+    mom2 = torch.load(cache_file, weights_only=True)["mom2"]
+    assert mom2.shape == (128, 128) and torch.allclose(mom2, mom2.T)
+    assert torch.linalg.eigvalsh(mom2.double()).min() > 0
+    assert len(tallies) == 1
+
+    second = edit_once()
+    assert len(tallies) == 1  # read from disk
+    assert torch.equal(first.a, second.a)
+
+    cache_file.write_bytes(b"not a tensor")
+    third = edit_once()
+    assert len(tallies) == 2  # rebuilt
+    assert torch.equal(first.a, third.a)
+    torch.save({"mom2": torch.eye(3)}, cache_file)  # wrong shape
+    edit_once()
+    assert len(tallies) == 3
+    assert torch.load(cache_file, weights_only=True)["mom2"].shape == (128, 128)
+
+    plain = RomeEditor().apply(model, tokenizer, [EN], hparams("llama"))
+    plain.restore()
+    assert not torch.allclose(plain.deltas[0].a, first.a)  # C^-1 really changed the key direction u
+
+
+def test_load_texts_reads_txt_and_json(tmp_path):
+    (tmp_path / "a.txt").write_text("one doc\n\n two doc \n", encoding="utf-8")
+    (tmp_path / "b.json").write_text('{"X": {"title": "X", "extract": "x text"}, "Y": {"extract": "y"}}')
+    (tmp_path / "c.json").write_text('["first", "second"]')
+    assert stats.load_texts(tmp_path / "a.txt") == ["one doc", "two doc"]
+    assert stats.load_texts(tmp_path / "b.json") == ["x text", "y"]
+    assert stats.load_texts(tmp_path / "c.json") == ["first", "second"]
+
+
+# ---------------------------------------------------------------- the "none" editor
+
+
+def test_none_editor_changes_nothing(tiny_llama_dir):
+    model, tokenizer = load(tiny_llama_dir)
+    original = param_hashes(model)
+    editor = NoEditor()
+    edit = editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama"))
+    assert edit.deltas == () and edit.prompt_transform is None
+    edit.restore()
+    assert param_hashes(model) == original
