@@ -24,7 +24,8 @@ from tqdm import tqdm
 from lm_eval_xke.cases import EditCase
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, get_editor, hparam_fields
 
-log = logging.getLogger(__name__)
+# under lm-eval's logger tree, so that its CLI logging set-up prints our lines next to its own
+log = logging.getLogger("lm_eval.models.xke")
 
 EDIT_MODES = ("single", "batch", "sequential")
 BACKENDS = ("hf",)
@@ -156,6 +157,8 @@ class XKELM(LM):
             "backend": self.backend.name,
             "seed": self.seed,
             "task_options": dict(self.task_options),
+            # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
+            "f1_tokenizer": self.tokenizer_name,
             **self._run.summary(),
         }
         return info
@@ -259,8 +262,13 @@ class _RunRecord:
     def note_case(self, case: EditCase) -> None:
         self.n_cases += 1
         self.protocols.update(q.protocol for q in case.questions)
-        if case.source.get("file"):
-            self.sources.setdefault(case.source["file"], dict(case.source))
+        if case.source.get("file") and case.source["file"] not in self.sources:
+            self.sources[case.source["file"]] = dict(case.source)
+            log.info(
+                "xke scoring: data %(file)s (sha256 %(sha256)s, %(records)s records, %(skipped_invalid)s skipped), "
+                "protocol %(protocol)s, F1 formula %(f1)s",
+                {k: case.source.get(k) for k in ("file", "sha256", "records", "skipped_invalid", "protocol", "f1")},
+            )
 
     def summary(self) -> dict:
         n = len(self.edit_seconds)

@@ -82,3 +82,13 @@ def test_chat_template_and_system_instruction_are_honoured(tiny_llama_dir, data_
     assert "nq question:" in contexts[6]  # locality question rendered per question, not question 0 for all
     continuations = [args[1] for args in sample["arguments"]]
     assert continuations[0] == sample["doc"]["target"]  # no joining space after the assistant tag
+
+
+def test_fallback_command_and_editor_listing(data_dir):
+    xke = str(Path(sys.executable).with_name("lm-eval-xke"))
+    env = {**os.environ, "XKE_DATA_DIR": str(data_dir)}
+    validated = subprocess.run([xke, "validate", "--tasks", "bizsre_zh"], capture_output=True, text=True, env=env)
+    assert validated.returncode == 0 and "valid" in validated.stdout + validated.stderr, validated.stderr[-2000:]
+    listed = subprocess.run([xke, "editors"], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0
+    assert "rome  (" in listed.stdout and "v_num_grad_steps = 25" in listed.stdout and "none  (" in listed.stdout
