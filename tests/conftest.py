@@ -53,3 +53,11 @@ def smollm2_dir() -> Path:
         return offline_models.prepare("smollm2-135m-instruct")
     except offline_models.OfflineModelError as err:
         pytest.skip(f"SmolLM2 not available offline: {err}")
+
+
+@pytest.fixture(scope="session")
+def xke_tasks():
+    """A TaskManager over our task folders only: skips indexing lm-eval's ~14k built-in task files (~5-20 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=False)

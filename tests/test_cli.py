@@ -70,9 +70,10 @@ def test_lm_eval_lists_and_validates_the_tasks(data_dir):
     assert validated.returncode == 0 and "valid" in validated.stdout + validated.stderr
 
 
-def test_chat_template_and_system_instruction_are_honoured(tiny_llama_dir, data_dir, monkeypatch):
+def test_chat_template_and_system_instruction_are_honoured(tiny_llama_dir, data_dir, monkeypatch, xke_tasks):
     monkeypatch.setenv("XKE_DATA_DIR", str(data_dir))
     out = simple_evaluate(
+        task_manager=xke_tasks,
         model="xke", model_args=f"pretrained={tiny_llama_dir},device=cpu,editor=none", tasks=["bizsre_en"],
         limit=1, log_samples=True, apply_chat_template=True, system_instruction="Answer briefly.",
     )  # fmt: skip

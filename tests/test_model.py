@@ -162,3 +162,21 @@ def test_ordinary_tasks_pass_through_unedited(tiny_llama_dir, tmp_path):
     )
     assert xke["results"]["xke_plain_probe"]["acc,none"] == hf["results"]["xke_plain_probe"]["acc,none"]
     assert xke["config"]["xke"]["n_edit_cases"] == 0
+
+
+def test_same_run_twice_gives_identical_answers_and_metrics(tiny_llama_dir, data_dir, monkeypatch, xke_tasks):
+    monkeypatch.setenv("XKE_DATA_DIR", str(data_dir))
+    args = ",".join(f"{k}={v}" for k, v in TINY_ROME.items())
+
+    def run() -> tuple[list, dict]:
+        out = simple_evaluate(
+            task_manager=xke_tasks,
+            model="xke",
+            model_args=f"pretrained={tiny_llama_dir},device=cpu,editor=rome,{args}",
+            tasks=["bizsre_zh"],
+            limit=2,
+            log_samples=True,
+        )
+        return [s["filtered_resps"] for s in out["samples"]["bizsre_zh"]], out["results"]["bizsre_zh"]
+
+    assert run() == run()

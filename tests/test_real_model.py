@@ -5,9 +5,10 @@ from __future__ import annotations
 from lm_eval import simple_evaluate
 
 
-def test_rome_edits_smollm2_on_ten_english_bizsre_cases(smollm2_dir, data_dir, monkeypatch):
+def test_rome_edits_smollm2_on_ten_english_bizsre_cases(smollm2_dir, data_dir, monkeypatch, xke_tasks):
     monkeypatch.setenv("XKE_DATA_DIR", str(data_dir))
     out = simple_evaluate(
+        task_manager=xke_tasks,
         model="xke",
         model_args=f"pretrained={smollm2_dir},dtype=float32,device=cpu,editor=rome",
         tasks=["bizsre_en"],
