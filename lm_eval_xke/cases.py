@@ -7,12 +7,18 @@ edit case, so lm-eval's ``--limit N`` means N edits.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 ROLES = ("reliability", "generality", "locality", "portability")
 PHASES = ("pre", "post")
 PROTOCOLS = ("teacher_forced", "generate")
+
+#: model_args with this prefix are task options: lm-eval hands model_args to the tasks as metadata
+TASK_OPTION_PREFIX = "xke_"
+#: options that each task YAML fixes (a model_arg of that name would override the task's own value)
+TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol")
 
 Phase = Literal["pre", "post"]
 Protocol = Literal["teacher_forced", "generate"]
@@ -86,3 +92,15 @@ class EditCase:
             questions=tuple(Question(**{**q, "answers": tuple(q["answers"])}) for q in data["questions"]),
             source=dict(data.get("source") or {}),
         )
+
+
+def task_options_seen(options: dict[str, Any]) -> str:
+    """The user-settable ``xke_*`` options a task loader received, as JSON for ``EditCase.source["task_options"]``.
+
+    The model compares them with the ``xke_*`` model_args it got: through the Python API with a
+    user-made ``TaskManager`` lm-eval does not pass model_args on to the tasks, and an option would
+    otherwise be silently ignored.
+    """
+    seen = {k: options[k] for k in sorted(options) if k.startswith(TASK_OPTION_PREFIX) and k not in TASK_FIXED_OPTIONS}
+    # JSON, not a dict: an Arrow struct cannot be empty, and the set of keys varies between runs
+    return json.dumps(seen, sort_keys=True, default=str)

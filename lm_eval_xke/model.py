@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from lm_eval_xke.cases import EditCase
+from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, get_editor, hparam_fields
 
 # under lm-eval's logger tree, so that its CLI logging set-up prints our lines next to its own
@@ -29,8 +30,6 @@ log = logging.getLogger("lm_eval.models.xke")
 
 EDIT_MODES = ("single", "batch", "sequential")
 BACKENDS = ("hf",)
-TASK_OPTION_PREFIX = "xke_"  # model_args with this prefix are task options (they reach the tasks via metadata)
-TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol")  # set by each task YAML; a model_arg would override them
 
 
 @dataclass
@@ -245,9 +244,22 @@ class XKELM(LM):
             key = (req.task_name, req.doc_id)
             if key not in works:
                 works[key] = _CaseWork(EditCase.from_doc(req.doc["xke"]))
+                self._check_task_options(req.task_name, works[key].case)
                 self._run.note_case(works[key].case)
             works[key].positions.append(i)
         return list(works.values())
+
+    def _check_task_options(self, task_name: str, case: EditCase) -> None:
+        if "task_options" not in case.source:
+            return  # a task that does not record its options
+        seen = json.loads(case.source["task_options"])
+        missed = {k: v for k, v in self.task_options.items() if seen.get(k) != v}
+        if missed:
+            raise EditorError(
+                f"task {task_name} was built without the model_args {missed} (it saw {seen or 'none'}). lm-eval passes "
+                "model_args to the tasks only when it builds the TaskManager itself: with lm_eval.simple_evaluate, "
+                "omit task_manager or create it as TaskManager(metadata=<the same model_args as a dict>)."
+            )
 
 
 @dataclass
@@ -262,8 +274,9 @@ class _RunRecord:
     def note_case(self, case: EditCase) -> None:
         self.n_cases += 1
         self.protocols.update(q.protocol for q in case.questions)
-        if case.source.get("file") and case.source["file"] not in self.sources:
-            self.sources[case.source["file"]] = dict(case.source)
+        key = "|".join(str(case.source.get(k)) for k in ("file", "sha256", "protocol", "f1"))
+        if case.source.get("file") and key not in self.sources:
+            self.sources[key] = dict(case.source)
             log.info(
                 "xke scoring: data %(file)s (sha256 %(sha256)s, %(records)s records, %(skipped_invalid)s skipped), "
                 "protocol %(protocol)s, F1 formula %(f1)s",

@@ -180,3 +180,16 @@ def test_same_run_twice_gives_identical_answers_and_metrics(tiny_llama_dir, data
         return [s["filtered_resps"] for s in out["samples"]["bizsre_zh"]], out["results"]["bizsre_zh"]
 
     assert run() == run()
+
+
+def test_task_options_that_never_reached_the_task_are_an_error(tiny_llama_dir, data_dir, monkeypatch, xke_tasks):
+    # a user-made TaskManager does not receive model_args: xke_f1 would be silently ignored
+    monkeypatch.setenv("XKE_DATA_DIR", str(data_dir))
+    with pytest.raises(EditorError, match="built without the model_args {'xke_f1': 'legacy_pr'}"):
+        simple_evaluate(
+            model="xke",
+            model_args=f"pretrained={tiny_llama_dir},device=cpu,editor=none,xke_f1=legacy_pr",
+            tasks=["bizsre_en"],
+            limit=1,
+            task_manager=xke_tasks,
+        )

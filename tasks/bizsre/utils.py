@@ -13,7 +13,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question
+from lm_eval_xke.cases import EditCase, EditRequest, Question, task_options_seen
 from lm_eval_xke.data import BIZSRE_TEST, load_bizsre, locate
 from lm_eval_xke.metrics import F1_FORMULAS, exact_match, normalized_em, normalized_f1, token_f1
 
@@ -43,6 +43,7 @@ def load_dataset(**options: Any) -> DatasetDict:
         "skipped_invalid": len(data.skipped),
         "f1": f1_formula,
         "protocol": protocol,
+        "task_options": task_options_seen(options),
     }
     docs = [_doc(index, record, edit_lang, protocol, source) for index, record in data.records]
     return DatasetDict({"test": Dataset.from_list(docs)})
