@@ -18,7 +18,7 @@ PROTOCOLS = ("teacher_forced", "generate")
 #: model_args with this prefix are task options: lm-eval hands model_args to the tasks as metadata
 TASK_OPTION_PREFIX = "xke_"
 #: options that each task YAML fixes (a model_arg of that name would override the task's own value)
-TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol")
+TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol", "xke_mlake_test_lang")
 
 Phase = Literal["pre", "post"]
 Protocol = Literal["teacher_forced", "generate"]

@@ -367,3 +367,112 @@ def _record_error(file_name: str, problems: list[RecordProblem]) -> RecordError:
     first = problems[0]
     more = f" (and {len(problems) - 1} more problem(s) in this record)" if len(problems) > 1 else ""
     return RecordError(f"{first.describe(file_name)}{more}. {SKIP_HINT}", first)
+
+
+# ---------------------------------------------------------------- MLaKE (Hi-archers/MLaKE)
+
+MLAKE_LANGS = ("en", "zh", "ja", "fr", "de")
+_MLAKE_RAW = "https://raw.githubusercontent.com/Hi-archers/MLaKE"
+_MLAKE_QA_COMMIT = "40b6a3cfde908acdafee1cdc2e241f8c0eb9687b"  # HEAD: free-form QA files
+_MLAKE_MCQA_COMMIT = "49412a9997a7f9bea4531b72c7a1b947a7da4c6c"  # last commit with the MCQA files
+_MLAKE_SHA256 = {
+    "single_hop/qa/en_qa.json": "d501aecd7e7e02051a78ec935dc7ced4bd5ab3110f2d14717242e694b3a03218",
+    "single_hop/qa/zh_qa.json": "6477ddc75a4cc4eddba899cea449a718ccb6073ab7965223ee34c130d8d40d36",
+    "single_hop/qa/ja_qa.json": "e0a24c164a42e4a7dfa595599d77b03bed4b0f88200f49a293be379c8d19ddbc",
+    "single_hop/qa/fr_qa.json": "5a6648dbdd159c03a485d73d25aa0c0e00962c4772bf344323d502630e020f69",
+    "single_hop/qa/de_qa.json": "f65580a778e7eefcabb265a404dd0bdb803ddbd8f44fc046347709f52cbcc25f",
+    "multi_hop/qa/new_en_qa.json": "45c5452c763b94ba9e50a5005c2576b0f8a3e584f81794e18c38d1e760919eff",
+    "multi_hop/qa/new_zh_qa.json": "88d2e74b7c4f8fc3c06859e6f25a4f7aa6a9e85dcacba1c59fdc66ac471d2bdc",
+    "multi_hop/qa/new_ja_qa.json": "f14676479173cb0055749c8d305b5108e341be83638c4a6c404e7248629c5c9f",
+    "multi_hop/qa/new_fr_qa.json": "5636bbbbf5f1deb8e3066c17bd4b411aed7538f8bf10b417f4b64939f7978995",
+    "multi_hop/qa/new_de_qa.json": "fa70aafd46531402c45561c47320b300eca6f7768e59d7dd0a570bbea3c52452",
+    "single_hop/mcqa/en_mcqa.json": "dcf6fe1c1447abde756c056842acd957550d4f468304f9c55b10e2fa2f639494",
+    "single_hop/mcqa/zh_mcqa.json": "abb20544677e62a1b846abefe37ac9bb16c3e5fd4b6bc02f1a742bab5248fe8a",
+    "single_hop/mcqa/ja_mcqa.json": "9ee60d673eec7d06949a6604d523429d9bbef3c05be301d61d03e15bd7cf7388",
+    "single_hop/mcqa/fr_mcqa.json": "c0ea2f1d22991b7fac4d3a6a03ea77deb1c109ce9cd02ba5e8e8374ffaa6a7b0",
+    "single_hop/mcqa/de_mcqa.json": "e70ca8ef6790186149b0cdc4ef0d07befd15910879dab4d32bea68a474986e8a",
+}
+#: Fields every record of a kind must have as non-empty strings, and as lists of strings.
+MLAKE_FIELDS = {
+    "single_qa": (
+        ("question", "o_prompt", "o_answer", "e_prompt", "e_answer"),
+        ("o_answer_aliases", "e_answer_aliases"),
+    ),
+    "multi_qa": (("question", "e_prompt", "e_answer"), ("e_answer_aliases",)),
+    "single_mcqa": (("question", "o_prompt", "o_answer", "e_prompt", "e_answer"), ("options",)),
+}
+MCQA_LETTERS = ("A", "B", "C", "D")
+
+
+def _mlake_relpath(kind: str, lang: str) -> str:
+    if lang not in MLAKE_LANGS:
+        raise ValueError(f"MLaKE language must be one of {', '.join(MLAKE_LANGS)}, got {lang!r}")
+    return {
+        "single_qa": f"single_hop/qa/{lang}_qa.json",
+        "multi_qa": f"multi_hop/qa/new_{lang}_qa.json",
+        "single_mcqa": f"single_hop/mcqa/{lang}_mcqa.json",
+    }[kind]
+
+
+def mlake_file(kind: str, lang: str) -> DataFile:
+    """The pinned MLaKE file of ``kind`` (single_qa | multi_qa | single_mcqa) and ``lang``."""
+    rel = _mlake_relpath(kind, lang)
+    # upstream paths: QA files at HEAD drop the qa/ folder; MCQA files only exist at the older commit
+    upstream = f"{_MLAKE_MCQA_COMMIT}/dataset/{rel}" if kind == "single_mcqa" else f"{_MLAKE_QA_COMMIT}/dataset/{rel}"
+    if kind != "single_mcqa":
+        upstream = upstream.replace("/qa/", "/", 1)
+    return DataFile(f"mlake/{rel}", sha256=_MLAKE_SHA256[rel], url=f"{_MLAKE_RAW}/{upstream}")
+
+
+@dataclass(frozen=True)
+class MlakeData:
+    """Validated MLaKE records of one file as (original index, record), skipped problems, sha256 and path."""
+
+    records: list[tuple[int, dict]]
+    skipped: list[RecordProblem]
+    sha256: str
+    path: Path
+
+
+def mlake_record_problems(index: int, item: Any, kind: str, lang: str) -> list[RecordProblem]:
+    """Every problem of one MLaKE record of ``kind``; empty if it is valid."""
+    if not isinstance(item, dict):
+        return [RecordProblem(index, lang, None, f"expected an object, got {_type_name(item)}")]
+    strings, lists = MLAKE_FIELDS[kind]
+    found: list[RecordProblem] = []
+    for name in strings:
+        problem = f"field {name!r} is missing" if name not in item else _string_problem(item[name], name)
+        if problem:
+            found.append(RecordProblem(index, lang, name, problem))
+    for name in lists:
+        value = item.get(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            found.append(RecordProblem(index, lang, name, f"field {name!r} must be a list of strings"))
+    if kind == "single_mcqa" and not found:
+        if len(item["options"]) != len(MCQA_LETTERS):
+            found.append(RecordProblem(index, lang, "options", f"expected 4 options, got {len(item['options'])}"))
+        for name in ("o_answer", "e_answer"):
+            if item[name] not in MCQA_LETTERS:
+                found.append(RecordProblem(index, lang, name, f"field {name!r} must be a letter A-D"))
+    return found
+
+
+def load_mlake(kind: str, lang: str, path: str | os.PathLike | None = None, skip_invalid: bool = False) -> MlakeData:
+    """Load and validate one MLaKE file (``path`` as for ``locate``: the file or a shared-data-layout folder)."""
+    spec = mlake_file(kind, lang)
+    file = locate(spec, path)
+    raw = file.read_bytes()
+    data = parse_json(raw, file)
+    if not isinstance(data, list):
+        raise RecordError(f"{file} must hold a JSON list of MLaKE records, got {_type_name(data)}.")
+    records: list[tuple[int, dict]] = []
+    skipped: list[RecordProblem] = []
+    for index, item in enumerate(data):
+        problems = mlake_record_problems(index, item, kind, lang)
+        if not problems:
+            records.append((index, item))
+        elif skip_invalid:
+            skipped.append(problems[0])
+        else:
+            raise _record_error(file.name, problems)
+    return MlakeData(records=records, skipped=skipped, sha256=hashlib.sha256(raw).hexdigest(), path=file)

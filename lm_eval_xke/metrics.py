@@ -48,6 +48,13 @@ Normalised metrics. ``normalized_em(pred, golds, lang)`` is 1.0 if ``normalize_a
 ``normalize_answer(g, lang)`` for some gold alias ``g``, else 0.0. ``normalized_f1(pred, golds, lang, formula)``
 is the maximum over gold aliases of ``token_f1(answer_tokens(pred, lang), answer_tokens(g, lang), formula)``.
 ``golds`` is one string or a non-empty sequence of aliases.
+
+Contains-match (MLaKE). ``contains_match(pred, golds, lang)`` is 1.0 if the ``answer_tokens`` of some gold
+alias occur as a contiguous run in the ``answer_tokens`` of ``pred``, else 0.0: whole words for whitespace
+languages (``"Italy"`` is in ``"It is Italy."`` but ``"ita"`` is not in ``"Italian"``), characters for zh/ja
+(``"意大利"`` is in ``"是意大利。"``). The first gold (the answer itself) always counts; further aliases count only
+when they normalise to at least ``CONTAINS_MIN_ALIAS_CHARS`` characters (3; 2 for zh/ja), so that short aliases
+such as "IT" (Italy) or "CU" do not match every "it" of a generated sentence. EM uses every alias.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from collections.abc import Hashable, Sequence
 
 F1_FORMULAS = ("harmonic", "legacy_pr")
 CHAR_LEVEL_LANGS = ("zh", "ja")
+CONTAINS_MIN_ALIAS_CHARS = {"zh": 2, "ja": 2}  # other languages: 3
 
 ARTICLES_EN = frozenset({"a", "an", "the"})
 _WHITESPACE = re.compile(r"\s+")
@@ -168,3 +176,23 @@ def normalized_f1(pred: str, golds: str | Sequence[str], lang: str, formula: str
     """Token F1 over ``answer_tokens``, maximised over gold aliases."""
     pred_tokens = answer_tokens(pred, lang)
     return max(token_f1(pred_tokens, answer_tokens(g, lang), formula) for g in _aliases(golds))
+
+
+def _contains_run(tokens: Sequence[str], run: Sequence[str]) -> bool:
+    """True if ``run`` (non-empty) occurs as a contiguous sub-sequence of ``tokens``."""
+    n = len(run)
+    return n > 0 and any(list(tokens[i : i + n]) == list(run) for i in range(len(tokens) - n + 1))
+
+
+def contains_match(pred: str, golds: str | Sequence[str], lang: str) -> float:
+    """1.0 if the answer, or an alias long enough, occurs as whole tokens in ``pred`` (see module docstring)."""
+    aliases = _aliases(golds)
+    min_chars = CONTAINS_MIN_ALIAS_CHARS.get(base_lang(lang), 3)
+    pred_tokens = answer_tokens(pred, lang)
+    for position, gold in enumerate(aliases):
+        gold_tokens = answer_tokens(gold, lang)
+        if position > 0 and len("".join(gold_tokens)) < min_chars:
+            continue
+        if _contains_run(pred_tokens, gold_tokens):
+            return 1.0
+    return 0.0
