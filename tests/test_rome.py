@@ -18,14 +18,20 @@ from lm_eval_xke import stats
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError, apply_weight_deltas
 from lm_eval_xke.plugins.none import NoEditor
-from lm_eval_xke.plugins.rome import RomeEditor, RomeHyperParams
+from lm_eval_xke.plugins.rome import RomeEditor, RomeHyperParams, compute
 from lm_eval_xke.plugins.rome.compute import (
+    ValueBatch,
+    build_value_batch,
+    cached_forward,
     compute_k,
     compute_right,
     compute_u,
     compute_v,
+    converged,
     fact_token_index,
+    full_forward,
     rank_one_delta,
+    reference_pass,
     split_prompt_target,
     trace_module,
 )
@@ -229,9 +235,113 @@ def test_chinese_request_on_byte_level_tokenizer(tiny_qwen2_dir):
 def test_early_stop_and_restored_grad_flags(tiny_llama_dir):
     model, tokenizer = load(tiny_llama_dir)
     model.train()
-    edit = RomeEditor().apply(model, tokenizer, [EN], hparams("llama", early_stop_loss=100.0))
+    edit = RomeEditor().apply(model, tokenizer, [EN], hparams("llama", early_stop_loss=100.0, early_stop_plain=False))
     assert edit.info["requests"][0]["steps"] == 0
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_early_stop_waits_for_the_plain_prompt(tiny_llama_dir):
+    """With ``early_stop_plain`` a low mean NLL is not enough: the plain prompt must predict every target token.
+
+    A random model never gets the later target tokens right, so the optimisation runs all its steps.
+    """
+    model, tokenizer = load(tiny_llama_dir)
+    hp = hparams("llama", early_stop_loss=100.0, v_num_grad_steps=3)
+    (record,) = RomeEditor().apply(model, tokenizer, [EN], hp).info["requests"]
+    assert not record["plain_right"] and record["steps"] == 3
+    assert converged(0.01, True, hp) and not converged(0.01, False, hp) and not converged(200.0, True, hp)
+
+
+# ---------------------------------------------------------------- the KV-cached value optimisation
+
+
+def value_setup(path, arch: str, request: EditRequest):
+    model, tokenizer = load(path)
+    hp = hparams(arch)
+    module = model.get_submodule(hp.module_name)
+    templates = RomeEditor().context_templates(model, tokenizer, hp)
+    batch = build_value_batch(tokenizer, request, templates, hp.fact_token, "cpu")
+    return model, tokenizer, module, templates, batch, hp
+
+
+@pytest.mark.parametrize("request_", [EN, ZH], ids=["en", "zh"])
+def test_cached_forward_equals_the_full_forward(arch_dir, request_):
+    """Prefixes from the reference pass's KV cache + suffixes per step = the full forward, at delta = 0 and not."""
+    arch, path = arch_dir
+    model, tokenizer, module, templates, batch, hp = value_setup(path, arch, request_)
+    reference = reference_pass(model, module, batch, tokenizer.pad_token_id)
+    full = full_forward(model, module, batch, tokenizer.pad_token_id)
+    cached = cached_forward(model, module, batch, tokenizer.pad_token_id, reference.prefix)
+    assert reference.prefix is not None and len(set(batch.positions)) > 1  # prefixes of different lengths
+    delta = torch.randn(reference.values.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(reference.log_probs, full(None), atol=1e-6)
+        assert torch.allclose(cached(None), full(None), atol=1e-5)
+        assert torch.allclose(cached(delta), full(delta), atol=1e-5)
+        assert not torch.allclose(full(delta), full(None), atol=1e-3)  # the delta does move the log-probs
+    # the reference pass also yields the key: compute_k's average over the templates
+    k = compute_k(model, tokenizer, module, request_, templates, hp.fact_token)
+    assert torch.allclose(reference.keys[:-1].mean(0), k, atol=1e-6)
+
+
+def test_cached_forward_with_empty_prefixes(tiny_llama_dir):
+    """Rows whose fact token is their first token (no prefix), alone or beside rows with one."""
+    model, _ = load(tiny_llama_dir)
+    module = model.get_submodule("model.layers.1.mlp.down_proj")
+    rows = [[0, 40, 41, 42, 43], [0, 50, 51], [0, 60, 61, 62, 63, 64, 65]]
+    delta = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for positions in ([0, 1, 3], [0, 0, 0]):
+        read_rows = [0, 0, 1, 2, 2]
+        batch = ValueBatch(
+            rows=rows,
+            positions=positions,
+            read_rows=torch.tensor(read_rows),
+            read_cols=torch.tensor([3, 4, 2, 5, 6]),
+            t_ids=torch.tensor([7, 8, 9, 10]),
+            t_weight=torch.full((4,), 0.25),
+        )
+        reference = reference_pass(model, module, batch, pad_id=2)
+        assert (reference.prefix is None) == (max(positions) == 0)
+        cached = cached_forward(model, module, batch, 2, reference.prefix)
+        full = full_forward(model, module, batch, 2)
+        with torch.no_grad():
+            assert torch.allclose(cached(delta), full(delta), atol=1e-5)
+
+
+def test_value_optimisation_falls_back_to_the_full_forward_when_the_cache_disagrees(
+    tiny_llama_dir, monkeypatch, caplog
+):
+    """The run-time check at the first step: a disagreeing cached path is logged and replaced, never used."""
+    model, tokenizer, module, templates, _, hp = value_setup(tiny_llama_dir, "llama", EN)
+    monkeypatch.setattr(compute, "cached_forward", lambda *args: compute.full_forward(*args[:4]))
+    expected = compute_v(model, tokenizer, module, EN, templates, hp)
+
+    def broken(*args):
+        run = full_forward(*args[:4])
+        return lambda delta: run(delta) + 0.01  # e.g. a cache that lost a token
+
+    monkeypatch.setattr(compute, "cached_forward", broken)
+    with caplog.at_level("WARNING", logger="lm_eval.models.xke.rome"):
+        solution = compute_v(model, tokenizer, module, EN, templates, hp)
+    assert "disagrees with the full forward" in caplog.text
+    assert torch.allclose(solution.v_star, expected.v_star, atol=1e-6) and solution.steps == expected.steps
+
+
+def test_sliding_window_shorter_than_the_rows_uses_the_full_forward(tiny_qwen2_dir, caplog):
+    """A sliding-window cache drops early tokens, so it cannot hold the prefixes: the edit still lands."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_qwen2_dir,
+        dtype=torch.float32,
+        use_sliding_window=True,
+        sliding_window=8,
+        layer_types=["sliding_attention"] * 4,
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    nll_before = target_nll(model, tokenizer, EN)
+    with caplog.at_level("WARNING", logger="lm_eval.models.xke.rome"):
+        RomeEditor().apply(model, tokenizer, [EN], hparams("qwen2"))
+    assert "cannot be reused" in caplog.text
+    assert target_nll(model, tokenizer, EN) < nll_before
 
 
 # ---------------------------------------------------------------- hyper-parameters

@@ -18,7 +18,6 @@ from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, W
 from lm_eval_xke.stats import load_texts, second_moment
 
 from .compute import (
-    compute_k,
     compute_right,
     compute_u,
     compute_v,
@@ -56,8 +55,9 @@ class RomeEditor(Editor):
             inv_mom2 = self.inverse_mom2(model, tokenizer, hp) if hp.mom2_adjustment else None
             for request in requests:
                 start = time.perf_counter()
-                u = compute_u(compute_k(model, tokenizer, module, request, templates, hp.fact_token), inv_mom2)
+                # compute_v's reference pass also yields the key (compute_k's average), saving a forward pass
                 solution = compute_v(model, tokenizer, module, request, templates, hp)
+                u = compute_u(solution.k, inv_mom2)
                 right = compute_right(u, solution)
                 delta = rank_one_delta(f"{hp.module_name}.weight", module, u, right)
                 applied.append(apply_weight_deltas(model, [delta]))
@@ -66,6 +66,7 @@ class RomeEditor(Editor):
                         "subject": request.subject,
                         "target_new": request.target_new,
                         "nll": solution.nll,
+                        "plain_right": solution.plain_right,
                         "steps": solution.steps,
                         "v_init_norm": solution.v_init_norm,
                         "delta_norm": solution.delta_norm,

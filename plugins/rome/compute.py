@@ -8,11 +8,13 @@ target (``compute_v``) and writes it with the rank-one update ``dW = right ⊗ u
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
@@ -24,6 +26,9 @@ from .config import RomeHyperParams
 START_WORDS = ("The", "Therefore", "Because", "I", "You")
 #: The paper's "essence" prompt: the KL term keeps what the model says the subject *is*.
 KL_PROMPT = "{} is a"
+
+# under lm-eval's logger tree, next to the xke model's lines
+log = logging.getLogger("lm_eval.models.xke.rome")
 
 
 # ---------------------------------------------------------------- tokens and positions
@@ -198,31 +203,32 @@ def inverse_second_moment(mom2: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ValueSolution:
-    """Result of ``compute_v``: the new value and the plain prompt's key/value it is written for."""
+    """Result of ``compute_v``: the new value, the key it is written for and the plain prompt's key/value."""
 
     v_star: torch.Tensor  # v_init + delta, float32
+    k: torch.Tensor  # the key: module input at the fact token averaged over the templates (``compute_k``)
     k_plain: torch.Tensor  # module input at the fact token of the plain prompt
     out_plain: torch.Tensor  # module output there (W k_plain, plus the bias if the module has one)
     v_init_norm: float
     delta_norm: float
-    nll: float
+    nll: float  # mean target NLL over the rewriting prompts at the final delta
+    plain_right: bool  # whether the plain prompt then predicts every target token (argmax)
     steps: int
 
 
 @dataclass
 class ValueBatch:
-    """The rewriting prompts plus the KL prompt as one right-padded batch, and where each loss term reads it."""
+    """The rewriting prompts plus the KL prompt, and where the loss reads their next-token log-probs.
 
-    input_ids: torch.Tensor
-    mask: torch.Tensor
+    The reads are every target token of every rewriting row, in row order, then the KL prompt's last token.
+    """
+
+    rows: list[list[int]]  # ``template.format(prompt) + target[:-1]`` per template, then ``"{subject} is a"``
     positions: list[int]  # fact token per row: where delta is added
-    keep: torch.Tensor  # sequence positions whose logits are computed
-    t_rows: torch.Tensor  # per target token: row, column in ``keep``, id, weight (mean per prompt, then over prompts)
-    t_cols: torch.Tensor
-    t_ids: torch.Tensor
-    t_weight: torch.Tensor
-    kl_row: int
-    kl_col: int
+    read_rows: torch.Tensor  # per read: its row
+    read_cols: torch.Tensor  # per read: the position whose next-token distribution is read
+    t_ids: torch.Tensor  # per target token (the first reads): its id
+    t_weight: torch.Tensor  # per target token: 1 / len(target) / n_prompts (mean per prompt, then over prompts)
 
 
 def build_value_batch(tokenizer, request: EditRequest, templates: Sequence[str], fact_token: str, device) -> ValueBatch:
@@ -239,26 +245,172 @@ def build_value_batch(tokenizer, request: EditRequest, templates: Sequence[str],
     kl_text = KL_PROMPT.format(request.subject)
     rows.append(tokenizer(kl_text)["input_ids"])
     positions.append(fact_token_index(tokenizer, "{}", kl_text, request.subject, fact_token))
-    kl_pos = len(rows[-1]) - 1
 
-    # logits only where a loss term reads them: projecting every position onto the vocabulary is a large
-    # share of the cost (a fifth of SmolLM2's FLOPs) and of the memory
-    t_pos = [start + j for start, ids in targets for j in range(len(ids))]
-    keep = sorted(set(t_pos) | {kl_pos})
-    column = {p: i for i, p in enumerate(keep)}
-    input_ids, mask = pad_right(rows, _pad_id(tokenizer), device)
+    read_rows = [r for r, (_, ids) in enumerate(targets) for _ in ids] + [len(rows) - 1]
+    read_cols = [start + j for start, ids in targets for j in range(len(ids))] + [len(rows[-1]) - 1]
     return ValueBatch(
-        input_ids=input_ids,
-        mask=mask,
+        rows=rows,
         positions=positions,
-        keep=torch.tensor(keep, device=device),
-        t_rows=torch.tensor([r for r, (_, ids) in enumerate(targets) for _ in ids], device=device),
-        t_cols=torch.tensor([column[p] for p in t_pos], device=device),
+        read_rows=torch.tensor(read_rows, device=device),
+        read_cols=torch.tensor(read_cols, device=device),
         t_ids=torch.tensor([i for _, ids in targets for i in ids], device=device),
         t_weight=torch.tensor([1 / len(ids) / len(targets) for _, ids in targets for _ in ids], device=device),
-        kl_row=len(rows) - 1,
-        kl_col=column[kl_pos],
     )
+
+
+#: ``delta -> log-probs [n_reads, vocab]`` of a value batch with ``delta`` added at the fact tokens (None: nothing).
+LogProbs = Callable[[torch.Tensor | None], torch.Tensor]
+
+
+def _kept_columns(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct sequence positions to project onto the vocabulary, and each read's column among them.
+
+    Logits only where a loss term reads them: projecting every position onto the vocabulary is a large share
+    of the cost (a fifth of SmolLM2's FLOPs) and of the memory.
+    """
+    keep, column = torch.unique(cols, sorted=True, return_inverse=True)
+    return keep, column
+
+
+def _with_delta(module, positions: Sequence[int], delta: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if delta is None else add_to_output(module, positions, delta)
+
+
+def _read(logits: torch.Tensor, batch: ValueBatch, column: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probs at the batch's reads, ``[n_reads, vocab]`` (``column``: each read's kept column)."""
+    return logits[batch.read_rows, column].float().log_softmax(-1)
+
+
+def full_forward(model, module, batch: ValueBatch, pad_id: int) -> LogProbs:
+    """Every row from its first token, right-padded: the reference path."""
+    input_ids, mask = pad_right(batch.rows, pad_id, _device(model))
+    keep, column = _kept_columns(batch.read_cols)
+
+    def run(delta: torch.Tensor | None) -> torch.Tensor:
+        with _with_delta(module, batch.positions, delta):
+            logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+        return _read(logits, batch, column)
+
+    return run
+
+
+@dataclass
+class Reference:
+    """The unedited model on a value batch: what the loss compares against, and what stays fixed while optimising."""
+
+    log_probs: torch.Tensor  # at the reads, [n_reads, vocab]
+    keys: torch.Tensor  # module input at every row's fact token, float32 [rows, d_in]
+    values: torch.Tensor  # module output there, float32 [rows, d_out]
+    prefix: list[tuple] | None  # KV cache of the tokens before the fact tokens (``prefix_cache``)
+
+
+@torch.no_grad()
+def reference_pass(model, module, batch: ValueBatch, pad_id: int) -> Reference:
+    """``full_forward`` at delta = 0, also recording the keys, the values and the prefixes' KV cache."""
+    input_ids, mask = pad_right(batch.rows, pad_id, _device(model))
+    keep, column = _kept_columns(batch.read_cols)
+    with trace_module(module) as record:
+        out = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep, use_cache=True)
+    rows = torch.arange(len(batch.rows), device=input_ids.device)
+    positions = torch.tensor(batch.positions, device=input_ids.device)
+    width = max(batch.positions)
+    return Reference(
+        log_probs=_read(out.logits, batch, column),
+        keys=record["input"][rows, positions].float(),
+        values=record["output"][rows, positions].float(),
+        prefix=prefix_cache(out.past_key_values, batch.positions, input_ids.shape[1]) if width else None,
+    )
+
+
+def prefix_cache(cache, lengths: Sequence[int], total: int) -> list[tuple] | None:
+    """The keys and values of each row's first ``lengths[row]`` tokens, left-padded to one common end.
+
+    ``cache`` is the KV cache of the right-padded full rows (``total`` positions): row r's prefix occupies its
+    first ``lengths[r]`` positions and already carries the positions 0..lengths[r]-1 it must keep (rotary or
+    absolute). Moving every prefix to the right end of ``max(lengths)`` slots lets all suffixes continue at
+    the same cache column; the slots before a shorter prefix hold copies of its first token, hidden by the
+    attention mask. None where a layer does not hold all ``total`` positions (a sliding window shorter than
+    the rows, KV sharing): such a cache cannot be realigned.
+    """
+    entries = list(cache) if cache is not None else []
+    if not entries or any(e[0] is None or e[0].shape[-2] != total for e in entries):
+        return None
+    width = max(lengths)
+    device = entries[0][0].device
+    shift = width - torch.tensor(lengths, device=device)[:, None]
+    source = (torch.arange(width, device=device) - shift).clamp_min(0)  # [rows, width]: cache column per slot
+
+    def realign(states: torch.Tensor) -> torch.Tensor:
+        return states.gather(2, source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1]))
+
+    # a sliding-window layer keeps its window size (the third element), so the rebuilt cache is of its kind
+    return [(realign(e[0]), realign(e[1]), *e[2:]) for e in entries]
+
+
+def cached_forward(model, module, batch: ValueBatch, pad_id: int, prefix: list[tuple] | None) -> LogProbs:
+    """The same log-probs as ``full_forward``, running only each row's suffix (fact token onward) per call.
+
+    delta enters at the fact token, so every token before it sees the same model at every step: ``prefix``
+    holds their keys and values (``prefix_cache``, left-aligned to one common end), and each call runs the
+    suffixes (right-padded, with their own position ids) against a fresh cache built from it.
+    """
+    device = _device(model)
+    split = torch.tensor(batch.positions, device=device)
+    suffix_ids, suffix_mask = pad_right(
+        [row[p:] for row, p in zip(batch.rows, batch.positions, strict=True)], pad_id, device
+    )
+    position_ids = split[:, None] + torch.arange(suffix_ids.shape[1], device=device)
+    width = max(batch.positions)
+    prefix_mask = (torch.arange(width, device=device) >= width - split[:, None]).long()
+    mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+    keep, column = _kept_columns(batch.read_cols - split[batch.read_rows])
+    fact_columns = [0] * len(batch.rows)  # the fact token opens every suffix
+
+    def run(delta: torch.Tensor | None) -> torch.Tensor:
+        # a fresh cache per call: the forward appends the suffixes' keys and values to it, while the prefix
+        # tensors themselves are never written to
+        cache = DynamicCache(prefix) if prefix is not None else None
+        with _with_delta(module, fact_columns, delta):
+            logits = model(
+                input_ids=suffix_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                logits_to_keep=keep,
+            ).logits
+        return logits[batch.read_rows, column].float().log_softmax(-1)
+
+    return run
+
+
+def paths_agree(cached: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the cached path reproduces the full forward's log-probs up to the model dtype's rounding."""
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
+    return bool(torch.allclose(cached, reference, rtol=0.0, atol=tolerance))
+
+
+def weight_decay(delta: torch.Tensor, v_init: torch.Tensor) -> torch.Tensor:
+    """``||delta|| / ||v_init||^2``, the regulariser of the original ROME code (not squared)."""
+    return delta.norm() / v_init.norm() ** 2
+
+
+def converged(nll: float, plain_right: bool, hp: RomeHyperParams) -> bool:
+    """The original early stop (mean target NLL below ``early_stop_loss``), and with ``early_stop_plain`` the
+    plain prompt already predicting every target token: the evaluation asks the plain prompt, and a mean
+    over 21 prompts can fall below the threshold while the plain prompt's first token is still wrong."""
+    return nll < hp.early_stop_loss and (plain_right or not hp.early_stop_plain)
+
+
+def value_forward(model, module, batch: ValueBatch, pad_id: int, reference: Reference) -> LogProbs:
+    """The cached path where the prefixes' KV cache could be taken (or there are no prefixes), else the full one."""
+    if reference.prefix is None and max(batch.positions) > 0:
+        log.warning(
+            "ROME: the KV cache of %s cannot be reused for the prefixes; using the full forward (slower)",
+            model.config.model_type,
+        )
+        return full_forward(model, module, batch, pad_id)
+    return cached_forward(model, module, batch, pad_id, reference.prefix)
 
 
 def compute_v(
@@ -267,36 +419,44 @@ def compute_v(
     """Optimise ``delta`` added to the module output at the fact token so that the model states the target.
 
     Loss = mean target NLL over the rewriting prompts ``template.format(prompt) + target[:-1]``
-    + ``kl_factor`` * KL(original || edited) of the next token after ``"{subject} is a"``
-    + ``v_weight_decay`` * ``||delta||^2 / ||v_init||^2``. ``templates[0]`` must be the plain ``"{}"``.
+    + ``kl_factor`` * KL(edited || original) of the next token after ``"{subject} is a"``
+    + ``v_weight_decay`` * ``||delta|| / ||v_init||^2``. ``templates[0]`` must be the plain ``"{}"``.
+    Only each row's suffix (fact token onward) is recomputed per step (``cached_forward``).
     """
+    pad_id = _pad_id(tokenizer)
     batch = build_value_batch(tokenizer, request, templates, hp.fact_token, _device(model))
-    positions = batch.positions
-
-    def next_token_log_probs() -> torch.Tensor:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.mask, logits_to_keep=batch.keep).logits
-        return logits.float().log_softmax(-1)
-
-    with torch.no_grad(), trace_module(module) as record:
-        kl_reference = next_token_log_probs()[batch.kl_row, batch.kl_col]
-    k_plain = record["input"][0, positions[0]].float()
-    out_plain = record["output"][0, positions[0]].float()
-    v_init = out_plain  # templates[0] is the plain prompt, so its value is where the optimisation starts
+    reference = reference_pass(model, module, batch, pad_id)
+    forward = value_forward(model, module, batch, pad_id, reference)
+    v_init = reference.values[0]  # templates[0] is the plain prompt, so its value is where the optimisation starts
     max_norm = hp.clamp_norm_factor * v_init.norm()
+    t_index = torch.arange(len(batch.t_ids), device=batch.t_ids.device)
+    plain = batch.read_rows[t_index] == 0  # the plain prompt's target tokens
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    nll_value, steps = float("nan"), 0
-    with frozen_parameters(model), torch.enable_grad(), add_to_output(module, positions, delta):
+    nll_value, plain_right, steps = float("nan"), False, 0
+    with frozen_parameters(model), torch.enable_grad():
         for step in range(hp.v_num_grad_steps + 1):
-            log_probs = next_token_log_probs()
-            nll = -(log_probs[batch.t_rows, batch.t_cols, batch.t_ids] * batch.t_weight).sum()
-            kl = F.kl_div(log_probs[batch.kl_row, batch.kl_col], kl_reference, log_target=True, reduction="sum")
-            decay = delta.norm() ** 2 / v_init.norm() ** 2
-            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+            log_probs = forward(delta)
+            if step == 0 and not paths_agree(log_probs.detach(), reference.log_probs, module.weight.dtype):
+                # never a silently wrong answer: an architecture whose cache does not reproduce the full
+                # forward (e.g. one that ignores position ids) gets the full forward
+                log.warning(
+                    "ROME: the KV-cached value optimisation disagrees with the full forward on %s; "
+                    "using the full forward (slower)",
+                    model.config.model_type,
+                )
+                forward = full_forward(model, module, batch, pad_id)
+                log_probs = forward(delta)
+            target_log_probs = log_probs[t_index]
+            nll = -(target_log_probs[t_index, batch.t_ids] * batch.t_weight).sum()
+            # the paper's D_KL(P_edited || P_original) on "{subject} is a"
+            kl = F.kl_div(reference.log_probs[-1], log_probs[-1], log_target=True, reduction="sum")
+            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * weight_decay(delta, v_init)
             nll_value = nll.item()
+            plain_right = bool((target_log_probs[plain].argmax(-1) == batch.t_ids[plain]).all())
             # the last pass only measures the final delta
-            if nll_value < hp.early_stop_loss or step == hp.v_num_grad_steps:
+            if converged(nll_value, plain_right, hp) or step == hp.v_num_grad_steps:
                 break
             optimizer.zero_grad()
             loss.backward()
@@ -308,11 +468,13 @@ def compute_v(
     delta = delta.detach()
     return ValueSolution(
         v_star=v_init + delta,
-        k_plain=k_plain,
-        out_plain=out_plain,
+        k=reference.keys[:-1].mean(0),
+        k_plain=reference.keys[0],
+        out_plain=v_init,
         v_init_norm=v_init.norm().item(),
         delta_norm=delta.norm().item(),
         nll=nll_value,
+        plain_right=plain_right,
         steps=steps,
     )
 

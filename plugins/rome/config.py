@@ -36,7 +36,7 @@ class RomeHyperParams(HyperParams):
     v_num_grad_steps: int = field(default=25, metadata={"help": "Adam steps when optimising the value vector v*"})
     v_lr: float = field(default=0.5, metadata={"help": "Adam learning rate for the value vector"})
     v_weight_decay: float = field(
-        default=1e-3, metadata={"help": "weight of ||delta||^2 / ||v_init||^2 in the value loss"}
+        default=1e-3, metadata={"help": "weight of ||delta|| / ||v_init||^2 in the value loss (as the original code)"}
     )
     clamp_norm_factor: float = field(
         default=4.0, metadata={"help": "||delta|| is clamped to this multiple of ||v_init|| after every step"}
@@ -46,6 +46,10 @@ class RomeHyperParams(HyperParams):
     )
     early_stop_loss: float = field(
         default=0.05, metadata={"help": "stop optimising once the mean target NLL falls below this"}
+    )
+    early_stop_plain: bool = field(
+        default=True,
+        metadata={"help": "stop early only once the plain prompt also predicts every target token (argmax)"},
     )
     context_template_lengths: list[int] = field(
         default_factory=lambda: [5, 10],
