@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
 from lm_eval import simple_evaluate
 
-# Opt-in (XKE_REAL_MODEL_TESTS=1): with EasyEdit's LLaMA defaults ROME reaches reliability EM 0.8 on these ten
-# edits (records 4 and 7 miss), below the 0.9 this test demands; a hyper-parameter sweep is under way.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("XKE_REAL_MODEL_TESTS") != "1", reason="real-model ROME test is opt-in: XKE_REAL_MODEL_TESTS=1"
-)
+# EasyEdit's LLaMA-7B defaults stop after 25 value steps; on SmolLM2 two of these ten multi-token targets need
+# more (reliability EM 0.8 at 25 steps, 1.0 at 40 in this session's sweep, with the plain-prompt early stop)
+STEPS = 40
 
 
 def test_rome_edits_smollm2_on_ten_english_bizsre_cases(smollm2_dir, data_dir, monkeypatch, xke_tasks):
@@ -19,7 +14,7 @@ def test_rome_edits_smollm2_on_ten_english_bizsre_cases(smollm2_dir, data_dir, m
     out = simple_evaluate(
         task_manager=xke_tasks,
         model="xke",
-        model_args=f"pretrained={smollm2_dir},dtype=float32,device=cpu,editor=rome",
+        model_args=f"pretrained={smollm2_dir},dtype=float32,device=cpu,editor=rome,v_num_grad_steps={STEPS}",
         tasks=["bizsre_en"],
         limit=10,
     )
