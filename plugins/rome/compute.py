@@ -329,10 +329,10 @@ def prefix_cache(cache, lengths: Sequence[int], total: int) -> list[tuple] | Non
     first ``lengths[r]`` positions and already carries the positions 0..lengths[r]-1 it must keep (rotary or
     absolute). Moving every prefix to the right end of ``max(lengths)`` slots lets all suffixes continue at
     the same cache column; the slots before a shorter prefix hold copies of its first token, hidden by the
-    attention mask. None where a layer does not hold all ``total`` positions (a sliding window shorter than
-    the rows, KV sharing): such a cache cannot be realigned.
+    attention mask. None for other cache classes and where a layer does not hold all ``total`` positions (a
+    sliding window shorter than the rows, KV sharing): such a cache cannot be realigned.
     """
-    entries = list(cache) if cache is not None else []
+    entries = list(cache) if isinstance(cache, DynamicCache) else []
     if not entries or any(e[0] is None or e[0].shape[-2] != total for e in entries):
         return None
     width = max(lengths)
@@ -379,7 +379,7 @@ def cached_forward(model, module, batch: ValueBatch, pad_id: int, prefix: list[t
                 use_cache=cache is not None,
                 logits_to_keep=keep,
             ).logits
-        return logits[batch.read_rows, column].float().log_softmax(-1)
+        return _read(logits, batch, column)
 
     return run
 
@@ -413,6 +413,26 @@ def value_forward(model, module, batch: ValueBatch, pad_id: int, reference: Refe
     return cached_forward(model, module, batch, pad_id, reference.prefix)
 
 
+def self_checked(
+    model, module, batch: ValueBatch, pad_id: int, reference: Reference, forward: LogProbs, delta: torch.Tensor
+) -> tuple[LogProbs, torch.Tensor]:
+    """The first step's log-probs, and the forward to keep: ``forward`` if it reproduces the reference pass.
+
+    delta is still 0 at the first step, so the cached path must give the reference log-probs. An architecture
+    whose cache does not (e.g. one that ignores position ids) gets the full forward, with a warning: never a
+    silently wrong answer.
+    """
+    log_probs = forward(delta)
+    if paths_agree(log_probs.detach(), reference.log_probs, module.weight.dtype):
+        return forward, log_probs
+    log.warning(
+        "ROME: the KV-cached value optimisation disagrees with the full forward on %s; using the full forward (slower)",
+        model.config.model_type,
+    )
+    full = full_forward(model, module, batch, pad_id)
+    return full, full(delta)
+
+
 def compute_v(
     model, tokenizer, module, request: EditRequest, templates: Sequence[str], hp: RomeHyperParams
 ) -> ValueSolution:
@@ -437,16 +457,9 @@ def compute_v(
     nll_value, plain_right, steps = float("nan"), False, 0
     with frozen_parameters(model), torch.enable_grad():
         for step in range(hp.v_num_grad_steps + 1):
-            log_probs = forward(delta)
-            if step == 0 and not paths_agree(log_probs.detach(), reference.log_probs, module.weight.dtype):
-                # never a silently wrong answer: an architecture whose cache does not reproduce the full
-                # forward (e.g. one that ignores position ids) gets the full forward
-                log.warning(
-                    "ROME: the KV-cached value optimisation disagrees with the full forward on %s; "
-                    "using the full forward (slower)",
-                    model.config.model_type,
-                )
-                forward = full_forward(model, module, batch, pad_id)
+            if step == 0:
+                forward, log_probs = self_checked(model, module, batch, pad_id, reference, forward, delta)
+            else:
                 log_probs = forward(delta)
             target_log_probs = log_probs[t_index]
             nll = -(target_log_probs[t_index, batch.t_ids] * batch.t_weight).sum()
