@@ -8,11 +8,11 @@ edit case, so lm-eval's ``--limit N`` means N edits.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 ROLES = ("reliability", "generality", "locality", "portability")
-PHASES = ("pre", "post")
+PHASES = ("pre", "post", "final")
 PROTOCOLS = ("teacher_forced", "generate")
 
 #: model_args with this prefix are task options: lm-eval hands model_args to the tasks as metadata
@@ -20,7 +20,9 @@ TASK_OPTION_PREFIX = "xke_"
 #: options that each task YAML fixes (a model_arg of that name would override the task's own value)
 TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol", "xke_mlake_test_lang")
 
-Phase = Literal["pre", "post"]
+Phase = Literal["pre", "post", "final"]
+#: metric-name suffix of questions asked again after the last edit of a sequential run (the forgetting curve)
+FINAL_SUFFIX = "_final"
 Protocol = Literal["teacher_forced", "generate"]
 
 
@@ -43,7 +45,8 @@ class Question:
     """One question asked of the model for an edit case.
 
     ``answers`` are the gold strings (the first is the teacher-forcing target). ``phase`` says
-    whether it is asked on the unedited (``pre``) or the edited (``post``) model.
+    whether it is asked on the unedited model (``pre``), right after the case's own edit (``post``), or,
+    in ``edit_mode=sequential``, once more after the run's last edit (``final``).
     """
 
     role: str
@@ -104,3 +107,17 @@ def task_options_seen(options: dict[str, Any]) -> str:
     seen = {k: options[k] for k in sorted(options) if k.startswith(TASK_OPTION_PREFIX) and k not in TASK_FIXED_OPTIONS}
     # JSON, not a dict: an Arrow struct cannot be empty, and the set of keys varies between runs
     return json.dumps(seen, sort_keys=True, default=str)
+
+
+def wants_final_phase(options: dict[str, Any]) -> bool:
+    """Whether a task loader must add ``final`` questions: the run's model_args say ``edit_mode=sequential``."""
+    return str(options.get("edit_mode", "single")) == "sequential"
+
+
+def with_final_phase(questions: tuple[Question, ...]) -> tuple[Question, ...]:
+    """``questions`` plus a ``final`` copy of every ``post`` question, appended in the same order."""
+    return questions + tuple(replace(q, phase="final") for q in questions if q.phase == "post")
+
+
+def metric_suffix(question: Question) -> str:
+    return FINAL_SUFFIX if question.phase == "final" else ""

@@ -28,7 +28,16 @@ from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, get_editor, hp
 # under lm-eval's logger tree, so that its CLI logging set-up prints our lines next to its own
 log = logging.getLogger("lm_eval.models.xke")
 
-EDIT_MODES = ("single", "batch", "sequential")
+#: What each edit mode does, recorded in the results ``config`` next to the mode itself.
+EDIT_MODE_SEMANTICS = {
+    "single": "per case: edit from the clean model, answer its questions, restore",
+    "batch": "per chunk of edit_batch_size cases: one editor call for all their requests, answer them all, restore",
+    "sequential": (
+        "edits accumulate in dataset order; each case is answered right after its own edit (the plain metrics) and "
+        "all cases again after the last edit (metrics suffixed _final); restored at the end"
+    ),
+}
+EDIT_MODES = tuple(EDIT_MODE_SEMANTICS)
 BACKENDS = ("hf",)
 
 
@@ -152,6 +161,7 @@ class XKELM(LM):
             "editor": self.editor.name,
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
+            "edit_mode_semantics": EDIT_MODE_SEMANTICS[self.edit_mode],
             "edit_batch_size": self.edit_batch_size,
             "backend": self.backend.name,
             "seed": self.seed,
@@ -205,13 +215,15 @@ class XKELM(LM):
         return results
 
     def _run_sequential(self, requests: list, works: list[_CaseWork], answer: Callable, results: list) -> None:
-        """Apply every case's edit in order, keep them all, then answer all post questions; restore at the end."""
+        """Edits accumulate in order; each case is answered right after its own edit, every case again after the
+        last edit (``final`` questions: the forgetting curve); all edits are restored at the end, newest first."""
         edits: list[AppliedEdit] = []
         try:
             for work in tqdm(works, desc=f"xke {self.editor.name} sequential edits"):
                 edits.append(self._apply(list(work.case.requests)))
-            post = [p for w in works for p in w.positions_in(requests, "post")]
-            self._answer_positions(requests, post, answer, results, edits)
+                self._answer_positions(requests, work.positions_in(requests, "post"), answer, results, edits)
+            final = [p for w in works for p in w.positions_in(requests, "final")]
+            self._answer_positions(requests, final, answer, results, edits)
         finally:
             for edit in reversed(edits):
                 edit.restore()
@@ -245,6 +257,7 @@ class XKELM(LM):
             if key not in works:
                 works[key] = _CaseWork(EditCase.from_doc(req.doc["xke"]))
                 self._check_task_options(req.task_name, works[key].case)
+                self._check_final_phase(req.task_name, works[key].case)
                 self._run.note_case(works[key].case)
             works[key].positions.append(i)
         return list(works.values())
@@ -261,6 +274,24 @@ class XKELM(LM):
                 "omit task_manager or create it as TaskManager(metadata=<the same model_args as a dict>)."
             )
 
+    def _check_final_phase(self, task_name: str, case: EditCase) -> None:
+        """Tasks add ``final`` questions exactly when they saw ``edit_mode=sequential`` among the model_args."""
+        built_for = case.source.get("final_phase")
+        if built_for is None:
+            if self.edit_mode == "sequential" and task_name not in self._run.immediate_only:
+                self._run.immediate_only.add(task_name)
+                log.warning(
+                    "task %s is scored right after each edit only: it asks nothing after the last edit", task_name
+                )
+            return
+        if bool(built_for) != (self.edit_mode == "sequential"):
+            raise EditorError(
+                f"task {task_name} was built for edit_mode={'sequential' if built_for else 'single/batch'} but the "
+                f"model runs edit_mode={self.edit_mode}. lm-eval passes model_args to the tasks only when it builds "
+                "the TaskManager itself: with lm_eval.simple_evaluate, omit task_manager or create it as "
+                "TaskManager(metadata=<the same model_args as a dict>)."
+            )
+
 
 @dataclass
 class _RunRecord:
@@ -270,6 +301,7 @@ class _RunRecord:
     protocols: set[str] = field(default_factory=set)
     n_cases: int = 0
     edit_seconds: list[float] = field(default_factory=list)
+    immediate_only: set[str] = field(default_factory=set)  # sequential-mode tasks without final questions
 
     def note_case(self, case: EditCase) -> None:
         self.n_cases += 1

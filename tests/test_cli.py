@@ -93,3 +93,18 @@ def test_fallback_command_and_editor_listing(data_dir):
     listed = subprocess.run([xke, "editors"], capture_output=True, text=True, env=env)
     assert listed.returncode == 0
     assert "rome  (" in listed.stdout and "v_num_grad_steps = 25" in listed.stdout and "none  (" in listed.stdout
+
+
+def test_sequential_mode_through_the_cli_reports_the_forgetting_metrics(tiny_llama_dir, data_dir, tmp_path):
+    done = cli(
+        "--tasks", "bizsre_en", "--model", "xke",
+        "--model_args", f"pretrained={tiny_llama_dir},editor=rome,layer=1,v_num_grad_steps=3,edit_mode=sequential",
+        "--limit", "2", "--output_path", str(tmp_path),
+        data_dir=data_dir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    task = results["results"]["bizsre_en"]
+    assert {f"{m},none" for m in METRICS} | {f"{m}_final,none" for m in METRICS} <= set(task)
+    xke = results["config"]["xke"]
+    assert xke["edit_mode"] == "sequential" and "after the last edit" in xke["edit_mode_semantics"]

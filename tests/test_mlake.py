@@ -37,7 +37,7 @@ def test_single_hop_docs_align_five_languages_and_derive_every_edit(data_dir):
     assert questions[1]["answers"][0] == "英国广播公司" and questions[0]["answers"][0] == "BBC"
     request = docs[0]["xke"]["requests"][0]
     assert request["prompt"] == "カール・セーガンは、" and request["target_new"] == "英国放送協会"
-    assert docs[0]["old_answers"][0][:2] == ["Cornell University", "Cornell"]
+    assert docs[0]["old_answers"]["en"][:2] == ["Cornell University", "Cornell"]
 
 
 @pytest.mark.parametrize("lang", MLAKE_LANGS)

@@ -11,8 +11,8 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question
-from lm_eval_xke.editors import EditorError
+from lm_eval_xke.cases import EditCase, EditRequest, Question, with_final_phase
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, register_editor
 from lm_eval_xke.model import XKELM
 
 
@@ -98,13 +98,68 @@ def test_readout_agrees_with_lm_eval_loglikelihood(rome_lm):
         assert len(readout.answer.encode()) > 0
 
 
-def test_sequential_mode_keeps_edits_until_the_end_then_restores(tiny_llama_dir):
+class MarkerEditor(Editor):
+    """Writes nothing: tags every prompt with its subject, so a recorded prompt shows which edits were active."""
+
+    name = "marker"
+    hparams_class = HyperParams
+    supports_batch = True
+
+    def __init__(self) -> None:
+        self.restored: list[str] = []
+
+    def apply(self, model, tokenizer, requests, hparams) -> AppliedEdit:
+        tag = "+".join(r.subject for r in requests)
+        return AppliedEdit(restore=lambda: self.restored.append(tag), prompt_transform=lambda p: f"[{tag}] {p}")
+
+
+def sequential_case(subject: str) -> dict:
+    doc = make_case(subject)
+    case = EditCase.from_doc(doc["xke"])
+    questions = with_final_phase(case.questions)
+    return {"xke": EditCase(case.case_id, case.requests, questions, {"final_phase": True}).to_doc()}
+
+
+def test_sequential_mode_answers_after_each_edit_then_after_the_last(tiny_llama_dir, monkeypatch):
+    register_editor("marker", MarkerEditor)
+    lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_mode="sequential")
+    asked: list[str] = []
+    readout = lm.backend.readout
+    monkeypatch.setattr(lm.backend, "readout", lambda pairs: asked.extend(p for p, _ in pairs) or readout(pairs))
+    requests = requests_for(sequential_case("Ruritania"), 0) + requests_for(sequential_case("Freedonia"), 1)
+    out = lm.loglikelihood(requests)
+    assert all(o is not None for o in out)
+    post = [p for p in asked if "The capital" in p]
+    assert post == [
+        "[Ruritania] The capital city of Ruritania",  # case 1 right after its own edit, before case 2's
+        "[Freedonia] [Ruritania] The capital city of Freedonia",
+        "[Freedonia] [Ruritania] The capital city of Ruritania",  # both again after the last edit
+        "[Freedonia] [Ruritania] The capital city of Freedonia",
+    ]
+    assert asked[:1] == ["Water is made of"]  # pre questions on the clean model, first
+    assert lm.editor.restored == ["Freedonia", "Ruritania"]  # newest edit restored first
+    assert "_final" in lm.get_model_info()["xke"]["edit_mode_semantics"]
+
+
+def test_sequential_mode_needs_tasks_built_for_it(tiny_llama_dir):
+    register_editor("marker", MarkerEditor)
+    lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_mode="sequential")
+    built_for_single = make_case()
+    built_for_single["xke"]["source"] = {"final_phase": False}
+    with pytest.raises(EditorError, match="built for edit_mode=single/batch but the model runs edit_mode=sequential"):
+        lm.loglikelihood(requests_for(built_for_single, 0))
+    single = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker")
+    with pytest.raises(EditorError, match="built for edit_mode=sequential but the model runs edit_mode=single"):
+        single.loglikelihood(requests_for(sequential_case("Ruritania"), 0))
+
+
+def test_sequential_rome_keeps_edits_until_the_end_then_restores(tiny_llama_dir):
     lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", edit_mode="sequential", **TINY_ROME)
     before = parameter_digest(lm.backend.model)
-    requests = requests_for(make_case("Ruritania", "Berlin"), 0) + requests_for(make_case("Freedonia", "Tokyo"), 1)
+    requests = requests_for(sequential_case("Ruritania"), 0) + requests_for(sequential_case("Freedonia"), 1)
     out = lm.loglikelihood(requests)
     assert parameter_digest(lm.backend.model) == before
-    assert first_token_edited(out[1]) and first_token_edited(out[4])  # both edits present when answering
+    assert all(first_token_edited(out[i]) for i in (1, 3, 6, 8))  # post answers and final re-answers
     assert lm.get_model_info()["xke"]["n_edit_cases"] == 2
 
 

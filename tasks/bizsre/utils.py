@@ -3,7 +3,8 @@
 Questions of one case, in this order (``Instance.idx``): reliability in the edit language and in the
 other language (``src``/``alt``), generality en/zh (``rephrase``/``alt``), locality en/zh asked before
 the edit and after it (``loc`` read out along ``loc_ans``; scored post vs pre), portability en/zh
-(``portability["New Question"]``/``["New Answer"]``).
+(``portability["New Question"]``/``["New Answer"]``). Under ``edit_mode=sequential`` every post question is
+asked once more after the run's last edit and scored as ``<role>_<lang>_<em|f1>_final``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question, task_options_seen
+from lm_eval_xke.cases import (
+    EditCase,
+    EditRequest,
+    Question,
+    metric_suffix,
+    task_options_seen,
+    wants_final_phase,
+    with_final_phase,
+)
 from lm_eval_xke.data import BIZSRE_TEST, load_bizsre, locate
 from lm_eval_xke.metrics import F1_FORMULAS, exact_match, normalized_em, normalized_f1, token_f1
 
@@ -44,6 +53,7 @@ def load_dataset(**options: Any) -> DatasetDict:
         "f1": f1_formula,
         "protocol": protocol,
         "task_options": task_options_seen(options),
+        "final_phase": wants_final_phase(options),
     }
     docs = [_doc(index, record, edit_lang, protocol, source) for index, record in data.records]
     return DatasetDict({"test": Dataset.from_list(docs)})
@@ -77,23 +87,26 @@ def _doc(index: int, record: dict, edit_lang: str, protocol: str, source: dict) 
             for lang in LANGS
         ),
     ]
+    if source["final_phase"]:
+        questions = with_final_phase(tuple(questions))
     case = EditCase(case_id=f"bizsre-{index}", requests=(request,), questions=tuple(questions), source=source)
     return {"record_index": index, "prompt": src["src"], "target": src["alt"], "xke": case.to_doc()}
 
 
 def process_results(doc: dict, results: list) -> dict[str, float]:
-    """Score one case: ``<role>_<lang>_em`` and ``<role>_<lang>_f1`` for every post-edit question."""
+    """Score one case: ``<role>_<lang>_em`` and ``<role>_<lang>_f1`` for every post-edit question (``_final``
+    appended for the re-asked ``final`` ones); locality compares with the answer before the edit."""
     case = EditCase.from_doc(doc["xke"])
     f1_formula = case.source.get("f1", "harmonic")
     pre = {q.lang: r for q, r in zip(case.questions, results, strict=True) if q.phase == "pre"}
     scores: dict[str, float] = {}
     for question, result in zip(case.questions, results, strict=True):
-        if question.phase != "post":
+        if question.phase == "pre":
             continue
         reference = pre[question.lang] if question.role == "locality" else None
         em, f1 = _score(question, result, reference, f1_formula)
-        scores[f"{question.role}_{question.lang}_em"] = em
-        scores[f"{question.role}_{question.lang}_f1"] = f1
+        scores[f"{question.role}_{question.lang}_em{metric_suffix(question)}"] = em
+        scores[f"{question.role}_{question.lang}_f1{metric_suffix(question)}"] = f1
     return scores
 
 

@@ -22,7 +22,15 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question, task_options_seen
+from lm_eval_xke.cases import (
+    EditCase,
+    EditRequest,
+    Question,
+    metric_suffix,
+    task_options_seen,
+    wants_final_phase,
+    with_final_phase,
+)
 from lm_eval_xke.data import MCQA_LETTERS, MLAKE_LANGS, MlakeData, RecordError, RecordProblem, load_mlake
 from lm_eval_xke.metrics import CHAR_LEVEL_LANGS, contains_match, normalized_em
 
@@ -203,6 +211,7 @@ def load_dataset(**options: Any) -> DatasetDict:
         "generate",
         options,
         sha256_per_lang={lang: data.sha256 for lang, data in tests.items()},
+        final_phase=wants_final_phase(options),
         **edits.summary(len(indices)),
     )
     docs = [_qa_doc(i, edits.by_index[i], edit_lang, rows, source) for i in indices]
@@ -220,8 +229,10 @@ def _qa_doc(index: int, edit: DerivedEdit, edit_lang: str, rows: dict, source: d
         )
         for lang in LANGS
     ]
+    if source["final_phase"]:
+        questions = with_final_phase(tuple(questions))
     case = EditCase(f"mlake-{edit_lang}-{index}", (edit.request,), tuple(questions), source)
-    old = [[rows[lang][index]["o_answer"], *rows[lang][index]["o_answer_aliases"]] for lang in LANGS]
+    old = {lang: [rows[lang][index]["o_answer"], *rows[lang][index]["o_answer_aliases"]] for lang in LANGS}
     return {
         "record_index": index,
         "edit_rule": edit.rule,
@@ -233,13 +244,20 @@ def _qa_doc(index: int, edit: DerivedEdit, edit_lang: str, rows: dict, source: d
 
 
 def process_results(doc: dict, results: list) -> dict[str, float]:
-    """``reliability_<l>_{em,contains}``: new answer given; ``old_answer_<l>_{em,contains}``: old one still given."""
+    """``reliability_<l>_{em,contains}``: new answer given; ``old_answer_<l>_{em,contains}``: old one still given.
+
+    Re-asked ``final`` questions (sequential runs) score reliability only, as ``reliability_<l>_<m>_final``.
+    """
     case = EditCase.from_doc(doc["xke"])
     scores: dict[str, float] = {}
-    for question, result, old in zip(case.questions, results, doc["old_answers"], strict=True):
-        for role, golds in (("reliability", question.answers), ("old_answer", old)):
-            scores[f"{role}_{question.lang}_em"] = normalized_em(result, golds, question.lang)
-            scores[f"{role}_{question.lang}_contains"] = contains_match(result, golds, question.lang)
+    for question, result in zip(case.questions, results, strict=True):
+        roles = [("reliability", question.answers)]
+        if question.phase == "post":
+            roles.append(("old_answer", doc["old_answers"][question.lang]))
+        suffix = metric_suffix(question)
+        for role, golds in roles:
+            scores[f"{role}_{question.lang}_em{suffix}"] = normalized_em(result, golds, question.lang)
+            scores[f"{role}_{question.lang}_contains{suffix}"] = contains_match(result, golds, question.lang)
     return scores
 
 
