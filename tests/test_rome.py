@@ -368,7 +368,7 @@ def test_bad_settings_are_editor_errors(tiny_llama_dir):
     for overrides, message in [
         ({"layer": 99}, "not found"),
         ({"fact_token": "subject_first"}, "fact_token"),
-        ({"mom2_adjustment": True}, "mom2_corpus"),
+        ({"mom2_adjustment": True, "mom2_corpus": "klingon"}, "mom2_corpus: unknown corpus source 'klingon'"),
     ]:
         with pytest.raises(EditorError, match=message):
             RomeEditor().apply(model, tokenizer, [EN], hparams("llama", **overrides))
@@ -377,16 +377,16 @@ def test_bad_settings_are_editor_errors(tiny_llama_dir):
 # ---------------------------------------------------------------- covariance statistics
 
 
-def test_covariance_adjustment_uses_and_repairs_the_stats_cache(tiny_llama_dir, tmp_path, monkeypatch):
-    """(f) u = C^-1 k with C from a small corpus; C is cached on disk, reused, and rebuilt when corrupted."""
+def test_covariance_adjustment_uses_the_key_statistics(tiny_llama_dir, tmp_path, monkeypatch):
+    """(f) u = C^-1 k with C from a small corpus through the statistics engine (cached on disk, reused)."""
     model, tokenizer = load(tiny_llama_dir)
     words = "the of and river city king war music science school language north village island".split()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(words[(i * j) % len(words)] for j in range(12)) for i in range(60)))
     monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
     tallies = []
-    real_tally = stats.tally_second_moment
-    monkeypatch.setattr(stats, "tally_second_moment", lambda *a, **k: tallies.append(1) or real_tally(*a, **k))
+    real_tally = stats.tally
+    monkeypatch.setattr(stats, "tally", lambda *a, **k: tallies.append(1) or real_tally(*a, **k))
     hp = hparams("llama", mom2_adjustment=True, mom2_corpus=str(corpus), mom2_n_tokens=2000)
 
     def edit_once():
@@ -395,37 +395,14 @@ def test_covariance_adjustment_uses_and_repairs_the_stats_cache(tiny_llama_dir, 
         return edit.deltas[0]
 
     first = edit_once()
-    (cache_file,) = (tmp_path / "cache" / "stats").glob("*.pt")
-    mom2 = torch.load(cache_file, weights_only=True)["mom2"]
-    assert mom2.shape == (128, 128) and torch.allclose(mom2, mom2.T)
-    assert torch.linalg.eigvalsh(mom2.double()).min() > 0
-    assert len(tallies) == 1
-
+    assert len(list((tmp_path / "cache" / "stats").rglob("*.pt"))) == 1
     second = edit_once()
     assert len(tallies) == 1  # read from disk
     assert torch.equal(first.a, second.a)
 
-    cache_file.write_bytes(b"not a tensor")
-    third = edit_once()
-    assert len(tallies) == 2  # rebuilt
-    assert torch.equal(first.a, third.a)
-    torch.save({"mom2": torch.eye(3)}, cache_file)  # wrong shape
-    edit_once()
-    assert len(tallies) == 3
-    assert torch.load(cache_file, weights_only=True)["mom2"].shape == (128, 128)
-
     plain = RomeEditor().apply(model, tokenizer, [EN], hparams("llama"))
     plain.restore()
     assert not torch.allclose(plain.deltas[0].a, first.a)  # C^-1 really changed the key direction u
-
-
-def test_load_texts_reads_txt_and_json(tmp_path):
-    (tmp_path / "a.txt").write_text("one doc\n\n two doc \n", encoding="utf-8")
-    (tmp_path / "b.json").write_text('{"X": {"title": "X", "extract": "x text"}, "Y": {"extract": "y"}}')
-    (tmp_path / "c.json").write_text('["first", "second"]')
-    assert stats.load_texts(tmp_path / "a.txt") == ["one doc", "two doc"]
-    assert stats.load_texts(tmp_path / "b.json") == ["x text", "y"]
-    assert stats.load_texts(tmp_path / "c.json") == ["first", "second"]
 
 
 # ---------------------------------------------------------------- the "none" editor

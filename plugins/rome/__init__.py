@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from weakref import WeakKeyDictionary
 
 import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
-from lm_eval_xke.stats import load_texts, second_moment
+from lm_eval_xke.stats import CorpusError, key_statistics, parse_corpus
 
 from .compute import (
     compute_right,
@@ -103,10 +102,10 @@ class RomeEditor(Editor):
         if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
             raise EditorError(f"ROME edits a linear module; {hparams.module_name} is a {type(module).__name__}")
         if hparams.mom2_adjustment:
-            if not hparams.mom2_corpus:
-                raise EditorError("mom2_adjustment needs mom2_corpus: a .txt (one document per line) or .json file")
-            if not Path(hparams.mom2_corpus).is_file():
-                raise EditorError(f"mom2_corpus file {hparams.mom2_corpus} does not exist")
+            try:
+                parse_corpus(hparams.mom2_corpus)
+            except CorpusError as err:
+                raise EditorError(f"mom2_corpus: {err}") from None
         return hparams
 
     def context_templates(self, model, tokenizer, hp: RomeHyperParams) -> list[str]:
@@ -121,11 +120,12 @@ class RomeEditor(Editor):
 
     def inverse_mom2(self, model, tokenizer, hp: RomeHyperParams) -> torch.Tensor:
         """``C^-1`` of the edited module's keys; statistics come from the on-disk cache when possible."""
-        key = (hp.module_name, str(Path(hp.mom2_corpus).resolve()), hp.mom2_n_tokens)
+        key = (hp.module_name, hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_dtype)
         per_model = self._inv_mom2.setdefault(model, {})
         if key not in per_model:
-            texts = load_texts(hp.mom2_corpus)
-            mom2 = second_moment(model, tokenizer, hp.module_name, texts, hp.mom2_n_tokens, hp.mom2_batch_size)
+            mom2 = key_statistics(
+                model, tokenizer, [hp.module_name], hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_dtype, hp.mom2_batch_size
+            )[hp.module_name]
             per_model[key] = inverse_second_moment(mom2).to(model.get_submodule(hp.module_name).weight.device)
         return per_model[key]
 

@@ -63,11 +63,15 @@ class RomeHyperParams(HyperParams):
         metadata={"help": "use u = C^-1 k with C the key second moment (off in EasyEdit's LLaMA configs)"},
     )
     mom2_corpus: str = field(
-        default="",
-        metadata={"help": "text corpus for C: .txt (one document per line) or .json; required with mom2_adjustment"},
+        default="en",
+        metadata={
+            "help": "corpus spec for C: sources joined by '+' with optional ':weight' (en, zh, en:0.7+zh:0.3, "
+            "bizsre_en, a .txt/.json/.jsonl file, hf:<dataset>); see lm_eval_xke.stats"
+        },
     )
     mom2_n_tokens: int = field(default=100_000, metadata={"help": "number of corpus tokens that C is estimated on"})
     mom2_batch_size: int = field(default=8, metadata={"help": "documents per forward pass when estimating C"})
+    mom2_dtype: str = field(default="float32", metadata={"help": "accumulation dtype of C: float32 or float64"})
     # not `seed`: that model_arg is taken by the xke model itself and would never reach the editor
     template_seed: int = field(default=0, metadata={"help": "seed of the context-template sampling"})
 
