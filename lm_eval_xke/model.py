@@ -321,6 +321,7 @@ class _RunRecord:
             "n_edit_cases": self.n_cases,
             "protocols": sorted(self.protocols),
             "data": list(self.sources.values()),
+            "n_editor_calls": n,
             "edit_seconds_total": round(sum(self.edit_seconds), 3),
             "edit_seconds_mean": round(sum(self.edit_seconds) / n, 3) if n else None,
         }

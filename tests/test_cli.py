@@ -17,8 +17,14 @@ from lm_eval_xke.tasks.bizsre.utils import METRICS
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
 
 
-def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XKE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def cli(*args: str, data_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "XKE_DATA_DIR": str(data_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
     return subprocess.run([LM_EVAL, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -108,3 +114,30 @@ def test_sequential_mode_through_the_cli_reports_the_forgetting_metrics(tiny_lla
     assert {f"{m},none" for m in METRICS} | {f"{m}_final,none" for m in METRICS} <= set(task)
     xke = results["config"]["xke"]
     assert xke["edit_mode"] == "sequential" and "after the last edit" in xke["edit_mode_semantics"]
+
+
+@pytest.mark.parametrize(
+    "editor_args, mode_args",
+    [
+        ("editor=memit,layers=1|2,mom2_n_tokens=1500", "edit_mode=batch,edit_batch_size=2"),
+        (
+            "editor=alphaedit,layers=1|2,mom2_n_tokens=1500,nullspace_threshold=1e9,update_l2=1e-4",
+            "edit_mode=sequential",
+        ),
+    ],
+)
+def test_memit_family_edit_modes_through_the_cli(tiny_llama_dir, data_dir, tmp_path, editor_args, mode_args):
+    small = "clamp_norm_factor=100,v_weight_decay=0,v_num_grad_steps=3,context_template_lengths=5"
+    done = cli(
+        "--tasks", "bizsre_en", "--model", "xke",
+        "--model_args", f"pretrained={tiny_llama_dir},{editor_args},{small},{mode_args}",
+        "--limit", "4", "--output_path", str(tmp_path / "out"),
+        data_dir=data_dir, env={"XKE_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    xke = results["config"]["xke"]
+    assert xke["n_edit_cases"] == 4 and f"edit_mode={xke['edit_mode']}" in mode_args
+    # batch: two editor calls of two cases; sequential: one call per case
+    assert xke["n_editor_calls"] == (2 if xke["edit_mode"] == "batch" else 4)
+    assert list((tmp_path / "cache" / "stats").rglob("*.pt"))  # statistics from the en corpus, cached

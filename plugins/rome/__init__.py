@@ -74,13 +74,13 @@ class RomeEditor(Editor):
                     }
                 )
         except BaseException:
-            _restore_all(applied)
+            restore_all(applied)
             raise
         finally:
             model.train(was_training)
         info = {"method": self.name, "module": hp.module_name, "requests": records}
         return AppliedEdit(
-            restore=lambda: _restore_all(applied),
+            restore=lambda: restore_all(applied),
             deltas=merge_deltas([d for a in applied for d in a.deltas]),
             info=info,
         )
@@ -141,7 +141,7 @@ def merge_deltas(deltas: Sequence[WeightDelta]) -> list[WeightDelta]:
     ]
 
 
-def _restore_all(applied: Sequence[AppliedEdit]) -> None:
+def restore_all(applied: Sequence[AppliedEdit]) -> None:
     # newest first: the oldest handle holds the weights as they were before any edit
     for edit in reversed(applied):
         edit.restore()

@@ -20,7 +20,7 @@ from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
 from lm_eval_xke.stats import pad_right
 
-from .config import RomeHyperParams
+from .config import ValueHyperParams
 
 #: First words of the sampled context prefixes, as in the original ROME code.
 START_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -395,7 +395,7 @@ def weight_decay(delta: torch.Tensor, v_init: torch.Tensor) -> torch.Tensor:
     return delta.norm() / v_init.norm() ** 2
 
 
-def converged(nll: float, plain_right: bool, hp: RomeHyperParams) -> bool:
+def converged(nll: float, plain_right: bool, hp: ValueHyperParams) -> bool:
     """The original early stop (mean target NLL below ``early_stop_loss``), and with ``early_stop_plain`` the
     plain prompt already predicting every target token: the evaluation asks the plain prompt, and a mean
     over 21 prompts can fall below the threshold while the plain prompt's first token is still wrong."""
@@ -434,7 +434,7 @@ def self_checked(
 
 
 def compute_v(
-    model, tokenizer, module, request: EditRequest, templates: Sequence[str], hp: RomeHyperParams
+    model, tokenizer, module, request: EditRequest, templates: Sequence[str], hp: ValueHyperParams
 ) -> ValueSolution:
     """Optimise ``delta`` added to the module output at the fact token so that the model states the target.
 

@@ -21,14 +21,10 @@ FACT_TOKENS = ("subject_last", "last")
 
 
 @dataclass
-class RomeHyperParams(HyperParams):
-    """Hyper-parameters of ROME (Meng et al. 2022); defaults follow EasyEdit's ``ROME/llama-7b.yaml``."""
+class ValueHyperParams(HyperParams):
+    """What ROME and the editors built on it (MEMIT, AlphaEdit) share: the value optimisation (``compute_v``),
+    its context templates, and the corpus of the key statistics. Defaults follow EasyEdit's ``llama-7b.yaml``."""
 
-    layer: int = field(default=5, metadata={"help": "index of the transformer block whose MLP output is edited"})
-    module_template: str = field(
-        default="model.layers.{}.mlp.down_proj",
-        metadata={"help": "name of the edited linear module; '{}' is replaced by `layer`"},
-    )
     fact_token: str = field(
         default="subject_last",
         metadata={"help": "token whose key is edited: 'subject_last' (the paper) or 'last' (last prompt token)"},
@@ -58,10 +54,6 @@ class RomeHyperParams(HyperParams):
     context_templates_per_length: int = field(
         default=10, metadata={"help": "number of generated context prefixes per length"}
     )
-    mom2_adjustment: bool = field(
-        default=False,
-        metadata={"help": "use u = C^-1 k with C the key second moment (off in EasyEdit's LLaMA configs)"},
-    )
     mom2_corpus: str = field(
         default="en",
         metadata={
@@ -74,6 +66,21 @@ class RomeHyperParams(HyperParams):
     mom2_dtype: str = field(default="float32", metadata={"help": "accumulation dtype of C: float32 or float64"})
     # not `seed`: that model_arg is taken by the xke model itself and would never reach the editor
     template_seed: int = field(default=0, metadata={"help": "seed of the context-template sampling"})
+
+
+@dataclass
+class RomeHyperParams(ValueHyperParams):
+    """Hyper-parameters of ROME (Meng et al. 2022); defaults follow EasyEdit's ``ROME/llama-7b.yaml``."""
+
+    layer: int = field(default=5, metadata={"help": "index of the transformer block whose MLP output is edited"})
+    module_template: str = field(
+        default="model.layers.{}.mlp.down_proj",
+        metadata={"help": "name of the edited linear module; '{}' is replaced by `layer`"},
+    )
+    mom2_adjustment: bool = field(
+        default=False,
+        metadata={"help": "use u = C^-1 k with C the key second moment (off in EasyEdit's LLaMA configs)"},
+    )
 
     @property
     def module_name(self) -> str:

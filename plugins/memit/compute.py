@@ -1,0 +1,76 @@
+"""The math of MEMIT (Meng et al. 2023, arXiv 2210.07229), one small function per step of the paper.
+
+MEMIT writes many facts at once by spreading each fact's required change of the residual stream over several MLP
+output projections. For every request, ``compute_z`` finds the residual change ``delta`` at the last edited layer L
+that makes the model state the target (ROME's ``compute_v`` at layer L). Then, layer by layer from the first, the
+remaining residual error ``R = z - h_L`` is divided among the layers still to edit and written into
+``W_l`` with the least-squares update ``dW_l = R^T (lambda C_l + K_l^T K_l)^-1 K_l`` (eq. 14 of the paper; rows of
+``K_l`` are the requests' keys at layer l, ``C_l`` the second moment of that layer's keys over a corpus).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editors import WeightDelta
+from lm_eval_xke.plugins.rome.compute import _device, _pad_id, fact_token_index, trace_module
+from lm_eval_xke.stats import pad_right
+
+
+@torch.no_grad()
+def compute_ks(
+    model, tokenizer, module, requests: Sequence[EditRequest], templates: Sequence[str], fact_token: str
+) -> torch.Tensor:
+    """``K``: per request, the module's input at the fact token averaged over the context templates, ``[n, d_in]``."""
+    texts, positions = [], []
+    for request in requests:
+        for template in templates:
+            texts.append(template.format(request.prompt))
+            positions.append(fact_token_index(tokenizer, template, request.prompt, request.subject, fact_token))
+    input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], _pad_id(tokenizer), _device(model))
+    with trace_module(module) as record:
+        model(input_ids=input_ids, attention_mask=mask)
+    inputs = record["input"]
+    rows = torch.arange(len(texts), device=inputs.device)
+    keys = inputs[rows, torch.tensor(positions, device=inputs.device)].float()
+    return keys.view(len(requests), len(templates), -1).mean(1)
+
+
+@torch.no_grad()
+def residual_at_fact(model, tokenizer, block, requests: Sequence[EditRequest], fact_token: str) -> torch.Tensor:
+    """``h_L``: the block's output (the residual stream) at each bare prompt's fact token, ``[n, d_model]``."""
+    positions = [fact_token_index(tokenizer, "{}", r.prompt, r.subject, fact_token) for r in requests]
+    encoded = [tokenizer(r.prompt)["input_ids"] for r in requests]
+    input_ids, mask = pad_right(encoded, _pad_id(tokenizer), _device(model))
+    with trace_module(block) as record:
+        model(input_ids=input_ids, attention_mask=mask)
+    hidden = record["output"][0] if isinstance(record["output"], tuple) else record["output"]
+    rows = torch.arange(len(requests), device=hidden.device)
+    return hidden[rows, torch.tensor(positions, device=hidden.device)].float()
+
+
+def spread_residual(targets: torch.Tensor, layers_left: int) -> torch.Tensor:
+    """The share of the remaining residual error this layer writes: ``R / (number of layers still to edit)``."""
+    return targets / layers_left
+
+
+def least_squares_update(keys: torch.Tensor, mom2: torch.Tensor, lam: float) -> torch.Tensor:
+    """``A`` such that ``dW = R^T A``: ``A = (lambda C + K^T K)^-1 K^T`` transposed, ``[n, d_in]`` (float64 solve).
+
+    Minimises ``||dW K^T - R^T||^2 + lambda tr(dW C dW^T)``: the new keys map to their targets while the values of
+    typical keys (second moment C) move as little as possible.
+    """
+    k, c = keys.double(), mom2.to(keys.device).double()
+    return torch.linalg.solve(lam * c + k.T @ k, k.T).T.float()
+
+
+def layer_delta(parameter: str, module, residual: torch.Tensor, key_side: torch.Tensor) -> WeightDelta:
+    """``dW = R^T A`` (rank <= n) as ``b @ a`` in the weight layout: ``nn.Linear [out, in]``, ``Conv1D [in, out]``."""
+    if isinstance(module, torch.nn.Linear):
+        return WeightDelta(parameter=parameter, b=residual.T.contiguous(), a=key_side.contiguous())
+    if type(module).__name__ == "Conv1D":
+        return WeightDelta(parameter=parameter, b=key_side.T.contiguous(), a=residual.contiguous())
+    raise TypeError(f"MEMIT edits nn.Linear or Conv1D modules, not {type(module).__name__}")

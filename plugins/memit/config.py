@@ -1,0 +1,67 @@
+"""MEMIT hyper-parameters and their defaults per model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lm_eval_xke.plugins.rome.config import ValueHyperParams
+
+#: Where MEMIT writes, per ``model.config.model_type``: EasyEdit's LLaMA-7B layers 4-8 (of 32) are also early-middle
+#: layers of the small models (SmolLM2-135M: 30 layers, Qwen2.5-0.5B: 24, Gemma-3-270M: 18). The original MEMIT edits
+#: GPT-2 XL's layers 13-17 of 48; 3-5 is that depth for the 12-layer GPT-2.
+FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
+    "llama": {"layers": [4, 5, 6, 7, 8]},
+    "qwen2": {"layers": [4, 5, 6, 7, 8]},
+    "gemma3_text": {"layers": [4, 5, 6, 7, 8]},
+    "gpt2": {
+        "layers": [3, 4, 5],
+        "module_template": "transformer.h.{}.mlp.c_proj",
+        "layer_module_template": "transformer.h.{}",
+    },
+}
+
+#: EasyEdit's ``mom2_update_weight`` 15000 for LLaMA-7B, whose ``down_proj`` input is 11008 wide: lambda per width.
+LAMBDA_PER_WIDTH = 15000 / 11008
+
+
+@dataclass
+class MemitHyperParams(ValueHyperParams):
+    """Hyper-parameters of MEMIT (Meng et al. 2023); defaults follow EasyEdit's ``MEMIT/llama-7b.yaml``."""
+
+    layers: list[int] = field(
+        default_factory=lambda: [4, 5, 6, 7, 8],
+        metadata={"help": "blocks whose MLP output projections share the update (model_args: '4|5|6|7|8')"},
+    )
+    module_template: str = field(
+        default="model.layers.{}.mlp.down_proj",
+        metadata={"help": "name of the edited linear module of a block; '{}' is replaced by the layer"},
+    )
+    layer_module_template: str = field(
+        default="model.layers.{}",
+        metadata={"help": "name of a whole block, whose output is the residual stream the targets are read from"},
+    )
+    # MEMIT's own code uses five 10-token context prefixes (plus the bare prompt), not ROME's twenty
+    context_template_lengths: list[int] = field(
+        default_factory=lambda: [10],
+        metadata={"help": "token lengths of the generated context prefixes (model_args: '5|10')"},
+    )
+    context_templates_per_length: int = field(
+        default=5, metadata={"help": "number of generated context prefixes per length"}
+    )
+    mom2_update_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "lambda of the update's (lambda C + K K^T); default None: lambda_per_width x the module's input "
+            "width, which is EasyEdit's 15000 on LLaMA-7B and scales with the width on other models"
+        },
+    )
+    lambda_per_width: float = field(
+        default=LAMBDA_PER_WIDTH,
+        metadata={"help": "lambda / input width, used when mom2_update_weight is None (15000 / 11008)"},
+    )
+
+    def module_names(self) -> list[str]:
+        return [self.module_template.format(layer) for layer in self.layers]
+
+    def update_weight(self, width: int) -> float:
+        return self.mom2_update_weight if self.mom2_update_weight is not None else self.lambda_per_width * width
