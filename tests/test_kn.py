@@ -137,17 +137,22 @@ def test_refinement_keeps_neurons_shared_by_more_than_p_of_the_prompts():
 # ---------------------------------------------------------------- the edit
 
 
+@pytest.mark.parametrize("attribute_to", ["prediction", "target_new"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_edit_raises_the_target_probability(arch, request):
+def test_edit_raises_the_target_probability(arch, attribute_to, request):
+    """The first target token gains; the old token is the model's own prediction."""
     model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
     before, _ = first_token_logprob(model, tokenizer, EN)
+    with torch.no_grad():
+        predicted = int(model(torch.tensor([tokenizer(EN.prompt)["input_ids"]])).logits[0, -1].argmax())
 
-    edit = KnEditor().apply(model, tokenizer, [EN], hparams(arch, lr_scale=4.0))
+    edit = KnEditor().apply(model, tokenizer, [EN], hparams(arch, attribute_to=attribute_to, lr_scale=4.0))
 
     after, _ = first_token_logprob(model, tokenizer, EN)
     assert after > before + 0.05
     (record,) = edit.info["requests"]
-    assert record["neurons"] and record["new_token"] == " " and record["target_tokens"] == 5
+    assert record["neurons"] and record["old_token_id"] == predicted
+    assert record["new_token"] == " " and record["target_tokens"] == 5
 
 
 def test_value_slots_get_the_papers_update_and_restore_bit_exactly(arch_dir):

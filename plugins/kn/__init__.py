@@ -20,7 +20,7 @@ from .compute import (
     AttributionPrompt,
     attribute,
     coarse_neurons,
-    greedy_answer,
+    predicted_token,
     refine_neurons,
     slot_deltas,
     slot_updates,
@@ -70,7 +70,8 @@ class KnEditor(Editor):
     ) -> tuple[dict[tuple[int, int], torch.Tensor], dict]:
         """The value-slot changes of one request, and what was found on the way."""
         prompt_ids, target_ids = split_prompt_target(tokenizer, request.prompt, request.target_new)
-        answer = greedy_answer(model, prompt_ids, len(target_ids)) if hp.attribute_to == "prediction" else None
+        # the paper's cloze answer is one token: here, the one the model predicts now, whatever the context prefix
+        answer = [predicted_token(model, prompt_ids)] if hp.attribute_to == "prediction" else None
         prompts = []
         for template in templates:  # templates[0] is the bare prompt
             ids, target = split_prompt_target(tokenizer, template.format(request.prompt), request.target_new)

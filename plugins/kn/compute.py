@@ -62,17 +62,10 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def greedy_answer(model, prompt_ids: Sequence[int], n_tokens: int) -> list[int]:
-    """The model's own continuation of the prompt: ``n_tokens`` greedy tokens (KV cache, one row)."""
-    ids = torch.tensor([list(prompt_ids)], device=_device(model))
-    answer: list[int] = []
-    past = None
-    for _ in range(n_tokens):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        answer.append(int(ids.item()))
-    return answer
+def predicted_token(model, prompt_ids: Sequence[int]) -> int:
+    """The token the model predicts after the prompt: the first token of the answer it gives now."""
+    logits = model(input_ids=torch.tensor([list(prompt_ids)], device=_device(model)), logits_to_keep=1).logits
+    return int(logits[0, -1].argmax())
 
 
 def answer_log_prob(logits: torch.Tensor, answer: Sequence[int]) -> torch.Tensor:
@@ -138,6 +131,12 @@ def replace_input(module: torch.nn.Module, column: int, rows: torch.Tensor) -> I
         handle.remove()
 
 
+def expanded_cache(prefix: list[tuple], rows: int) -> DynamicCache:
+    """A fresh cache holding ``prefix`` for every row: the forward appends to it, the prefix tensors (expanded
+    views, no copies) are never written to."""
+    return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), *rest) for k, v, *rest in prefix])
+
+
 def answer_probability(
     model, module: torch.nn.Module, prompt: AttributionPrompt, baseline: Baseline, cached: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -154,12 +153,7 @@ def answer_probability(
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         n = rows.shape[0]
-        # a fresh cache per call: the forward appends to it; the expanded prefix tensors are never written to
-        cache = (
-            DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), *rest) for k, v, *rest in baseline.prefix])
-            if cached
-            else None
-        )
+        cache = expanded_cache(baseline.prefix, n) if cached else None
         with replace_input(module, prompt.position - start, rows):
             logits = model(
                 input_ids=ids.expand(n, -1),
@@ -288,7 +282,7 @@ def slot_deltas(
         changes = torch.stack([updates[(layer, i)] for i in indices])  # [k, d_model]
         width = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
         picks = torch.zeros(len(indices), width, device=changes.device)
-        picks[torch.arange(len(indices)), torch.tensor(indices)] = 1.0
+        picks[torch.arange(len(indices), device=changes.device), torch.tensor(indices, device=changes.device)] = 1.0
         name = f"{module_template.format(layer)}.weight"
         if type(module).__name__ == "Conv1D":
             deltas.append(WeightDelta(parameter=name, b=picks.T.contiguous(), a=changes))

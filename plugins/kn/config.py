@@ -15,8 +15,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
     "gpt2": {"module_template": "transformer.h.{}.mlp.c_proj"},
 }
 
-#: What the attribution scores the neurons for: the answer the model gives now (the paper: the neurons that
-#: express the fact being updated) or the edit's new target.
+#: What the attribution scores the neurons for: the token the model predicts now (the paper: the neurons that
+#: express the fact being updated) or the edit's new target, teacher-forced.
 ATTRIBUTE_TO = ("prediction", "target_new")
 
 
@@ -45,7 +45,8 @@ class KnHyperParams(HyperParams):
     attribute_to: str = field(
         default="prediction",
         metadata={
-            "help": "answer the neurons are attributed to: 'prediction' (the model's own, the paper) or 'target_new'"
+            "help": "answer the neurons are attributed to: 'prediction' (the token the model predicts now: the "
+            "neurons of the fact being updated, as in the paper) or 'target_new' (the new target's tokens)"
         },
     )
     refine: bool = field(
