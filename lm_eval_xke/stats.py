@@ -443,3 +443,48 @@ def _save(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("stats", help="compute (or show cached) key statistics of MLP modules, for ROME/MEMIT/AlphaEdit")
+    p.add_argument("--pretrained", required=True, help="HF model folder or name, or an offline model name")
+    p.add_argument("--layers", required=True, help="comma-separated block indices, e.g. 4,5,6,7,8")
+    p.add_argument("--module-template", default="model.layers.{}.mlp.down_proj", help="'{}' is the layer")
+    p.add_argument("--corpus", default="en", help="corpus spec, e.g. en, zh, en:0.5+zh:0.5, a file, hf:<dataset>")
+    p.add_argument("--n-tokens", type=int, default=100_000, help="token budget (split over the mixture by weight)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="accumulation dtype")
+    p.add_argument("--model-dtype", default="float32", help="dtype the model is loaded in")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="documents per forward pass")
+    p.add_argument("--max-length", type=int, default=512, help="documents are truncated to this many tokens")
+    p.set_defaults(func=_stats_command)
+
+
+def _stats_command(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_xke import offline_models
+
+    path = args.pretrained
+    if path in offline_models.OFFLINE_MODELS:
+        path = str(offline_models.prepare(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.model_dtype)).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    modules = [args.module_template.format(int(layer)) for layer in args.layers.split(",")]
+    started = time.perf_counter()
+    moments = key_statistics(
+        model, tokenizer, modules, args.corpus, args.n_tokens, args.dtype, args.batch_size, args.max_length
+    )
+    seconds = time.perf_counter() - started
+    print(f"key statistics of {path}: corpus {args.corpus}, {args.n_tokens} tokens, {args.dtype}, {seconds:.1f} s")
+    print(f"cache: {stats_dir()}")
+    for name, mom2 in moments.items():
+        eigenvalues = torch.linalg.eigvalsh(mom2.double())
+        print(
+            f"  {name}: {mom2.shape[0]}x{mom2.shape[1]}, trace {mom2.trace():.4g}, "
+            f"eigenvalues {eigenvalues[0]:.3g}..{eigenvalues[-1]:.3g}, below 2e-2: {int((eigenvalues < 2e-2).sum())}"
+        )
+    return 0

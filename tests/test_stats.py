@@ -161,3 +161,13 @@ def test_corpus_specs_and_readers(tmp_path, data_dir, monkeypatch):
     (tmp_path / "bad.json").write_text("{truncated")
     with pytest.raises(stats.CorpusError, match="cannot read corpus file .*bad.json"):
         stats.load_texts(tmp_path / "bad.json")
+
+
+def test_the_stats_command_computes_and_reports(tiny_llama_dir, corpora, capsys):
+    from lm_eval_xke.cli import main
+
+    args = ["stats", "--pretrained", str(tiny_llama_dir), "--layers", "0,1", "--corpus", str(corpora[0])]
+    assert main([*args, "--n-tokens", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.down_proj: 128x128, trace" in out and "model.layers.1.mlp.down_proj" in out
+    assert len(list(stats.stats_dir().rglob("*.pt"))) == 2
