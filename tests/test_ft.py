@@ -1,0 +1,172 @@
+"""FT-L and FT-M on tiny random models: the edit lands, stays inside its L-inf ball, restores bit-exactly.
+
+A random 4-layer model's MLP outputs are tiny, so the tests use a larger learning rate and clamp than the family
+defaults (which are tuned for SmolLM2-135M) and two-token targets (the byte-level space and one letter).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editors import EditorError
+from lm_eval_xke.model import XKELM
+from lm_eval_xke.plugins.ft import FtLEditor, FtMEditor
+from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss
+from lm_eval_xke.plugins.ft.config import default_layer
+
+TINY = {"lr": 0.02, "norm_constraint": 0.05, "num_steps": 15}
+EN = EditRequest("The capital of Ruritania is", "Ruritania", "X", "en")
+ZH = EditRequest("水的沸点是", "水", "Q", "zh")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def same_state(model, saved: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return state.keys() == saved.keys() and all(torch.equal(state[n], saved[n]) for n in saved)
+
+
+@torch.no_grad()
+def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
+    """Per request: whether the argmax at every target position is the target token (the evaluation's EM)."""
+    batch = build_edit_batch(tokenizer, requests, "cpu")
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows = torch.arange(len(requests))[:, None]
+    hit = (logits[rows, batch.read_cols].argmax(-1) == batch.target_ids) | ~batch.target_mask
+    return hit.all(1).tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_ft_m_writes_both_facts_of_a_batch_and_restores_bit_exactly(arch, request):
+    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    saved = snapshot(model)
+    assert teacher_forced_argmax(model, tokenizer, [EN, ZH]) == [False, False]
+
+    editor = FtMEditor()
+    edit = editor.apply(model, tokenizer, [EN, ZH], editor.resolve_hparams(arch, overrides=TINY))
+
+    assert teacher_forced_argmax(model, tokenizer, [EN, ZH]) == [True, True]
+    assert edit.deltas == () and edit.info["final_loss"] < edit.info["initial_loss"]
+    (name,) = edit.info["parameters"]
+    assert name == editor.resolve_hparams(arch).module_template.format(3) + ".weight"  # round(21/32 * 4) = 3
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, saved[n])}
+    assert changed == {name}
+    edit.restore()
+    assert same_state(model, saved)
+    edit.restore()  # a second restore is a no-op
+    assert same_state(model, saved)
+
+
+def test_ft_l_moves_the_whole_target_to_the_prompts_last_token(tiny_llama_dir):
+    """FT-L scores every target token at the prompt's last position: the target tokens become its top answers."""
+    model, tokenizer = load(tiny_llama_dir)
+    batch = build_edit_batch(tokenizer, [EN], "cpu")
+    target = set(batch.target_ids[0].tolist())
+
+    def top_two() -> set[int]:
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids).logits[0, batch.read_cols[0, 0]]
+        return set(logits.topk(2).indices.tolist())
+
+    assert top_two() != target
+    editor = FtLEditor()
+    edit = editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama", overrides={**TINY, "num_steps": 25}))
+    assert top_two() == target
+    assert edit.info["objective"] == "prompt_last"
+    with torch.no_grad():  # the teacher-forced loss (FT-M's) was not what FT-L optimised: it stays high
+        assert edit_loss(model, batch, "prompt_last") < edit_loss(model, batch, "target_new")
+
+
+def test_norm_constraint_bounds_every_weight_change(tiny_llama_dir):
+    model, tokenizer = load(tiny_llama_dir)
+    editor = FtMEditor()
+    hp = editor.resolve_hparams("llama", overrides={**TINY, "norm_constraint": 1e-3, "layers": "1|2"})
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    before = {name: model.get_parameter(name).detach().clone() for name in names}
+    edit = editor.apply(model, tokenizer, [EN], hp)
+    assert edit.info["parameters"] == names
+    for name in names:
+        change = model.get_parameter(name).detach() - before[name]
+        assert 0 < change.abs().max() <= 1e-3 * (1 + 1e-5)  # the bound, up to float32 rounding of original + eps
+        assert edit.info["delta_linf"][name] == pytest.approx(change.abs().max().item())
+
+
+def test_same_edit_twice_gives_identical_weights_and_leaves_flags_alone(tiny_qwen2_dir):
+    model, tokenizer = load(tiny_qwen2_dir)
+    model.train()
+    editor = FtMEditor()
+    hp = editor.resolve_hparams("qwen2", overrides=TINY)
+    weights = []
+    for _ in range(2):
+        edit = editor.apply(model, tokenizer, [EN], hp)
+        weights.append(model.get_parameter(edit.info["parameters"][0]).detach().clone())
+        edit.restore()
+    assert torch.equal(weights[0], weights[1])
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_default_layer_is_easyedits_relative_depth():
+    assert [default_layer(n) for n in (32, 30, 24, 18, 12, 4, 1)] == [21, 20, 16, 12, 8, 3, 0]
+    assert FtMEditor().resolve_hparams("gpt2").module_names(12) == ["transformer.h.8.mlp.c_proj"]
+    assert FtLEditor().resolve_hparams("llama").module_names(30) == ["model.layers.20.mlp.down_proj"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"layers": [7]}, r"layers \[7\] out of range: the model has 4 layers"),
+        ({"module_template": "model.layers.{}.mlp.up"}, "has no weight.*set module_template"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of adam, adamw, sgd"),
+        ({"num_steps": 0}, "num_steps must be >= 1"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"norm_constraint": -1}, "norm_constraint must be > 0"),
+    ],
+)
+def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, message):
+    model, tokenizer = load(tiny_llama_dir)
+    editor = FtMEditor()
+    with pytest.raises(EditorError, match=message):
+        editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama", overrides=overrides))
+
+
+def test_bad_model_args_are_refused_before_loading_any_data(tiny_llama_dir):
+    with pytest.raises(EditorError, match="hyper-parameter 'lr' of editor 'ft_l' must be float"):
+        XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="ft_l", lr="fast")
+    with pytest.raises(EditorError, match="unknown model_args.*norm_constraint"):
+        XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="ft_m", clamp=1)
+
+
+@pytest.mark.parametrize(("editor", "mode"), [("ft_m", "single"), ("ft_l", "batch")])
+def test_cli_path_on_bizsre(tiny_llama_dir, data_dir, monkeypatch, xke_tasks, editor, mode):
+    monkeypatch.setenv("XKE_DATA_DIR", str(data_dir))
+    args = ",".join(f"{k}={v}" for k, v in TINY.items())
+    out = simple_evaluate(
+        task_manager=xke_tasks,
+        model="xke",
+        model_args=f"pretrained={tiny_llama_dir},device=cpu,editor={editor},{args},edit_mode={mode},edit_batch_size=2",
+        tasks=["bizsre_zh"],
+        limit=2,
+    )
+    xke = out["config"]["xke"]
+    assert xke["editor"] == editor and xke["edit_mode"] == mode and xke["n_edit_cases"] == 2
+    assert xke["hparams"]["lr"] == TINY["lr"] and xke["hparams"]["norm_constraint"] == TINY["norm_constraint"]
+    assert xke["edit_seconds_total"] > 0
+    assert "reliability_zh_em,none" in out["results"]["bizsre_zh"]
