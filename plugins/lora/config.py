@@ -35,7 +35,8 @@ class LoraHyperParams(HyperParams):
     optimizer: str = field(default="adam", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the optimiser"})
     early_stop_loss: float = field(
-        default=0.0, metadata={"help": "stop once the mean target NLL is below this (0: always num_steps, as EasyEdit)"}
+        default=1e-2,
+        metadata={"help": "stop once the mean target NLL is below this (FT's 1e-2; 0: always num_steps, as EasyEdit)"},
     )
     # not `seed`: that model_arg is taken by the xke model itself and would never reach the editor
     init_seed: int = field(default=0, metadata={"help": "seed of the adapters' random initialisation (A)"})
