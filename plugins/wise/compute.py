@@ -10,7 +10,7 @@ with TIES (``ties_merge``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -132,6 +132,35 @@ def module_inputs(model, module, rows: Sequence[Sequence[int]], pad_id: int) -> 
     with trace_module(module) as record:
         model(input_ids=input_ids, attention_mask=mask)
     return record["input"], mask.float()
+
+
+def aligned_forward(model, batch: ValueBatch, pad_id: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """Log-probs ``[n_reads, vocab]`` at the batch's reads as a function of no argument, and the real-token mask.
+
+    The rows are left-padded with explicit position ids, so every row ends with its target tokens in the last
+    columns and the vocabulary is projected only there (``logits_to_keep``): right-padded rows would need the
+    union of all rows' read columns, a few times as many.
+    """
+    device = next(model.parameters()).device
+    width = max(len(row) for row in batch.rows)
+    input_ids = torch.full((len(batch.rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(batch.rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    lengths = torch.tensor([len(row) for row in batch.rows], device=device)
+    columns = width - lengths[batch.read_rows] + batch.read_cols
+    first = int(columns.min())
+    # a tensor of columns, not an int: HF slices with an int, and the strided slice makes the projection a slow bmm
+    keep = torch.arange(first, width, device=device)
+
+    def run() -> torch.Tensor:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
+        return logits[batch.read_rows, columns - first].float().log_softmax(-1)
+
+    return run, mask.float()
 
 
 # ---------------------------------------------------------------- skipping the blocks before the side memory

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lm_eval_xke.plugins.grace.compute import target_nll
-from lm_eval_xke.plugins.rome.compute import ValueBatch, frozen_parameters, full_forward, paths_agree, trace_module
-from lm_eval_xke.stats import pad_right
+from lm_eval_xke.plugins.rome.compute import ValueBatch, frozen_parameters, paths_agree, trace_module
 
 from .compute import (
     EARLY_STOP_CHANGE,
     EARLY_STOP_LOSS,
+    aligned_forward,
     apply_delta,
     decoder_blocks,
     masked_sgd_step,
@@ -62,8 +61,7 @@ def train_shard(model, module, memory: SideMemory, shard: Shard, rows: EditRows,
     memory.training_delta = delta
     previous, steps = float("inf"), 0
     try:
-        forward, edit_inputs = training_forward(model, module, batch, pad_id, decoder_blocks(model, hp.module_name))
-        edit_valid = pad_right(batch.rows, pad_id, edit_inputs.device)[1].float()
+        forward, edit_inputs, edit_valid = training_forward(model, module, batch, pad_id, hp)
         delta.requires_grad_(True)
         with frozen_parameters(model), torch.enable_grad():
             for step in range(hp.n_iter + 1):
@@ -94,29 +92,32 @@ def train_shard(model, module, memory: SideMemory, shard: Shard, rows: EditRows,
     )
 
 
-def training_forward(model, module, batch: ValueBatch, pad_id: int, blocks) -> tuple[Callable, torch.Tensor]:
-    """The log-probs at the batch's reads as a function to call once per step, and the module's inputs.
+def training_forward(model, module, batch: ValueBatch, pad_id: int, hp: WiseHyperParams):
+    """The log-probs at the batch's reads as a function to call once per step, the module's inputs on the rows and
+    their real-token mask.
 
-    With ``blocks`` (the block list and the edited block's index) the blocks before the edited one replay their
-    outputs instead of computing. The replaying path is checked once against the full forward, which is used
-    instead if they disagree (never a silently wrong gradient).
+    The blocks before the edited one replay their outputs instead of computing (the side memory cannot change
+    them). The replaying path is checked once against the full forward, which is used instead if they disagree
+    (never a silently wrong gradient) or if the model's blocks are not found.
     """
-    full = full_forward(model, module, batch, pad_id)
+    full, valid = aligned_forward(model, batch, pad_id)
+    blocks = decoder_blocks(model, hp.module_name)
     earlier = list(blocks[0][: blocks[1]]) if blocks is not None else []
     with torch.no_grad(), recorded_outputs(earlier) as outputs, trace_module(module) as record:
-        reference = full(None)
+        reference = full()
+    inputs = record["input"]
     if blocks is None:
-        return lambda: full(None), record["input"]
+        return full, inputs, valid
 
     def replaying() -> torch.Tensor:
         with replayed_blocks(earlier, outputs):
-            return full(None)
+            return full()
 
     with torch.no_grad():
         if paths_agree(replaying(), reference, module.weight.dtype):
-            return replaying, record["input"]
+            return replaying, inputs, valid
     log.warning("WISE: replaying the blocks before layer %d changes the logits; using the full forward", blocks[1])
-    return lambda: full(None), record["input"]
+    return full, inputs, valid
 
 
 def plain_reads(batch: ValueBatch, n_templates: int) -> torch.Tensor:
