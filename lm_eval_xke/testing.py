@@ -70,3 +70,26 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, num_la
     tiny_causal_lm(arch, seed, num_layers).save_pretrained(path)
     byte_level_tokenizer().save_pretrained(path)
     return path
+
+
+def load_tiny(path: str | Path):
+    """``(model, tokenizer)`` of a saved tiny model, in float32 and eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def parameter_hashes(model) -> dict[str, str]:
+    """sha256 of every parameter's bytes: equal dicts mean a bit-identical model (the restore contract)."""
+    import hashlib
+
+    import torch
+
+    def digest(tensor) -> str:
+        return hashlib.sha256(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
+
+    return {name: digest(p) for name, p in model.named_parameters()}

@@ -44,6 +44,24 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models gain nothing from threads, and on a busy 2-core machine spinning threads slow
+    them down a lot. Tiny-model test modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def arch_dir(request):
+    """``(model_type, folder)`` of each tiny architecture in turn."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted from its PyPI package (cached across runs under ~/.cache/lm_eval_xke)."""

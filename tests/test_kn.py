@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from lm_eval import simple_evaluate
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
@@ -21,28 +18,13 @@ from lm_eval_xke.plugins.kn.compute import (
     value_slot,
 )
 from lm_eval_xke.plugins.rome.compute import split_prompt_target
+from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 EN = EditRequest("The capital of France", "France", "Rome", "en")
 ZH = EditRequest("法国的首都是", "法国", "巴黎", "zh")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a busy 2-core machine spinning threads slow them down a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=["llama", "qwen2", "gpt2"])
-def arch_dir(request):
-    return request.param, request.getfixturevalue(f"tiny_{request.param}_dir")
-
-
-def load(path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hparams(model_type: str, **overrides) -> KnHyperParams:
@@ -51,12 +33,6 @@ def hparams(model_type: str, **overrides) -> KnHyperParams:
 
 def modules_of(model, hp: KnHyperParams) -> dict[int, torch.nn.Module]:
     return {layer: model.get_submodule(hp.module_template.format(layer)) for layer in range(4)}
-
-
-def param_hashes(model) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(p.detach().contiguous().numpy().tobytes()).hexdigest() for n, p in model.named_parameters()
-    }
 
 
 def first_token_logprob(model, tokenizer, request: EditRequest) -> tuple[float, bool]:
@@ -91,7 +67,7 @@ def test_integrated_gradients_is_the_papers_riemann_sum():
 
 def test_attribution_finds_a_constructed_knowledge_neuron(tiny_llama_dir):
     """A neuron whose value slot writes token X's output embedding gets by far the highest attribution for X."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     hp = hparams("llama")
     modules = modules_of(model, hp)
     prompt_ids = tokenizer(EN.prompt)["input_ids"]
@@ -115,7 +91,7 @@ def test_attribution_finds_a_constructed_knowledge_neuron(tiny_llama_dir):
 def test_cached_attribution_equals_the_full_forward(arch_dir):
     """Reusing the unedited prefix's KV cache gives the scores of running the whole sequence."""
     arch, path = arch_dir
-    model, tokenizer = load(path)
+    model, tokenizer = load_tiny(path)
     modules = modules_of(model, hparams(arch))
     for request in (EN, ZH):
         prompt = AttributionPrompt.of(*split_prompt_target(tokenizer, request.prompt, request.target_new))
@@ -141,7 +117,7 @@ def test_refinement_keeps_neurons_shared_by_more_than_p_of_the_prompts():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_edit_raises_the_target_probability(arch, attribute_to, request):
     """The first target token gains; the old token is the model's own prediction."""
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     before, _ = first_token_logprob(model, tokenizer, EN)
     with torch.no_grad():
         predicted = int(model(torch.tensor([tokenizer(EN.prompt)["input_ids"]])).logits[0, -1].argmax())
@@ -159,10 +135,10 @@ def test_value_slots_get_the_papers_update_and_restore_bit_exactly(arch_dir):
     """Only the selected neurons' slots change, each by s_i ||v_i|| (e_new - e_old) (unit output embeddings), as a
     WeightDelta of rank = touched slots in the weight's own layout; restore() puts every bit back."""
     arch, path = arch_dir
-    model, tokenizer = load(path)
+    model, tokenizer = load_tiny(path)
     hp = hparams(arch)
     modules = modules_of(model, hp)
-    original = param_hashes(model)
+    original = parameter_hashes(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     edit = KnEditor().apply(model, tokenizer, [ZH], hp)
@@ -186,12 +162,12 @@ def test_value_slots_get_the_papers_update_and_restore_bit_exactly(arch_dir):
                 expected = old_slot.norm() * direction
                 assert torch.allclose(change, expected, atol=1e-6) or torch.allclose(change, -expected, atol=1e-6)
     edit.restore()
-    assert param_hashes(model) == original
+    assert parameter_hashes(model) == original
 
 
 def test_batch_apply_adds_the_single_edits(tiny_llama_dir):
     """Both requests are attributed on the unedited model; one call applies the sum of their updates."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     hp = hparams("llama")
     editor = KnEditor()
     assert editor.supports_batch
@@ -211,7 +187,7 @@ def test_batch_apply_adds_the_single_edits(tiny_llama_dir):
 
 
 def test_refine_and_max_neurons(tiny_qwen2_dir):
-    model, tokenizer = load(tiny_qwen2_dir)
+    model, tokenizer = load_tiny(tiny_qwen2_dir)
     hp = hparams("qwen2", refine=True, refine_templates=2, refine_template_length=3, max_neurons=3, p=0.5)
     editor = KnEditor()
     edit = editor.apply(model, tokenizer, [EN], hp)
@@ -235,7 +211,7 @@ def test_family_defaults_and_string_overrides():
 
 
 def test_bad_settings_are_editor_errors(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     for overrides, message in [
         ({"layers": [1, 9]}, r"layers \[9\] out of range"),
         ({"module_template": "model.layers.{}.mlp.out"}, "module_template"),

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
@@ -14,6 +11,7 @@ from lm_eval_xke.plugins.alphaedit import AlphaEditEditor
 from lm_eval_xke.plugins.alphaedit.compute import null_space_projection, projected_update
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.memit.compute import least_squares_update
+from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 # A random tiny model's values are tiny (||v_init|| ~ 0.02): no decay, a loose clamp, few templates, a small corpus.
 TINY = dict(
@@ -30,18 +28,12 @@ ALPHA_TINY = {"nullspace_threshold": 1e9, "update_l2": 1e-4}
 WORDS = "the of and river city king war music science school language north village island".split()
 
 
-def digest(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode() + p.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(
-        tiny_llama_dir
-    )
+    return load_tiny(tiny_llama_dir)
 
 
 @pytest.fixture
@@ -110,7 +102,7 @@ def test_a_batch_of_edits_lands_and_restores_bit_exactly(tiny, corpus, editor_cl
     editor = editor_cls()
     extra = ALPHA_TINY if editor_cls is AlphaEditEditor else {}
     hp = editor.resolve_hparams("llama", overrides={**TINY, "mom2_corpus": corpus, **extra})
-    before = digest(model)
+    before = parameter_hashes(model)
     batch = requests()
     space = tokenizer(" B")["input_ids"][-2]  # the byte-level space every target starts with
     assert not any(next_token(model, tokenizer, r.prompt) == space for r in batch)
@@ -120,7 +112,7 @@ def test_a_batch_of_edits_lands_and_restores_bit_exactly(tiny, corpus, editor_cl
     assert all(d.rank == 3 for d in edit.deltas)  # one key per request and layer
     assert max(edit.info["residual_left"]) < 0.5
     edit.restore()
-    assert digest(model) == before
+    assert parameter_hashes(model) == before
 
 
 def test_alphaedit_keeps_earlier_keys_until_each_edit_is_restored(tiny, corpus):

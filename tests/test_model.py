@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
-import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -14,14 +12,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval_xke.cases import EditCase, EditRequest, Question, with_final_phase
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, register_editor
 from lm_eval_xke.model import XKELM
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+from lm_eval_xke.testing import parameter_hashes
 
 
 # On a random tiny model ROME can steer only the token predicted at the edited (subject-last) position, so the
@@ -64,13 +55,13 @@ def rome_lm(tiny_llama_dir):
 
 
 def test_edit_lands_and_restore_is_bit_exact(rome_lm):
-    before = parameter_digest(rome_lm.backend.model)
+    before = parameter_hashes(rome_lm.backend.model)
     docs = [make_case("Ruritania", "Berlin"), make_case("Freedonia", "Tokyo")]
     requests = [r for i, d in enumerate(docs) for r in requests_for(d, i)]
     unedited = rome_lm.backend.readout([r.args for r in requests])
     assert not any(first_token_edited(u.as_response()) for u in unedited[1::3])  # precondition
     out = rome_lm.loglikelihood(requests)
-    assert parameter_digest(rome_lm.backend.model) == before
+    assert parameter_hashes(rome_lm.backend.model) == before
     assert all(first_token_edited(out[i]) for i in (1, 4))  # post questions see the edit
     assert out[0] == unedited[0].as_response() and out[3] == unedited[3].as_response()  # pre questions do not
     assert rome_lm.backend.readout([requests[1].args])[0] == unedited[1]  # and nothing is left behind
@@ -155,10 +146,10 @@ def test_sequential_mode_needs_tasks_built_for_it(tiny_llama_dir):
 
 def test_sequential_rome_keeps_edits_until_the_end_then_restores(tiny_llama_dir):
     lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", edit_mode="sequential", **TINY_ROME)
-    before = parameter_digest(lm.backend.model)
+    before = parameter_hashes(lm.backend.model)
     requests = requests_for(sequential_case("Ruritania"), 0) + requests_for(sequential_case("Freedonia"), 1)
     out = lm.loglikelihood(requests)
-    assert parameter_digest(lm.backend.model) == before
+    assert parameter_hashes(lm.backend.model) == before
     assert all(first_token_edited(out[i]) for i in (1, 3, 6, 8))  # post answers and final re-answers
     assert lm.get_model_info()["xke"]["n_edit_cases"] == 2
 

@@ -8,8 +8,6 @@ is near uniform and tiny, so no delta at the subject reaches them). The tests th
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,6 +33,7 @@ from lm_eval_xke.plugins.rome.compute import (
     split_prompt_target,
     trace_module,
 )
+from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 # Small template set and no weight decay: a random model's values are tiny (||v_init|| ~ 0.02), so the
 # default decay and clamp (relative to ||v_init||) would hold delta near zero.
@@ -50,33 +49,11 @@ EN = EditRequest("The capital of France", "France", "Rome", "en")
 ZH = EditRequest("法国的首都是", "法国", "巴黎", "zh")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a busy 2-core machine spinning threads slow them down a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=["llama", "qwen2", "gpt2"])
-def arch_dir(request):
-    return request.param, request.getfixturevalue(f"tiny_{request.param}_dir")
-
-
-def load(path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hparams(model_type: str, **overrides) -> RomeHyperParams:
     return RomeEditor().resolve_hparams(model_type, overrides={**FAST, **overrides})
-
-
-def param_hashes(model) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(p.detach().contiguous().numpy().tobytes()).hexdigest() for n, p in model.named_parameters()
-    }
 
 
 def target_logprobs(model, tokenizer, request: EditRequest) -> tuple[torch.Tensor, list[int]]:
@@ -126,7 +103,7 @@ def test_fact_token_index_finds_the_subject_in_the_prompt_not_in_the_prefix(tiny
 
 
 def test_context_templates_are_seeded_cached_and_leave_the_global_rng_alone(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     hp = hparams("llama")
     editor = RomeEditor()
     rng = torch.random.get_rng_state()
@@ -145,7 +122,7 @@ def test_context_templates_are_seeded_cached_and_leave_the_global_rng_alone(tiny
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_edit_lands_on_the_edit_prompt(arch, request):
     """(a) The first target token flips to the target and the target NLL falls."""
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     log_probs, target_ids = target_logprobs(model, tokenizer, EN)
     assert log_probs[0].argmax().item() != target_ids[0]
     nll_before = target_nll(model, tokenizer, EN)
@@ -162,7 +139,7 @@ def test_edit_lands_on_the_edit_prompt(arch, request):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rank_one_update_writes_v_star_at_the_subject_key(arch, request):
     """(a, d) ``(W + right ⊗ u) k = v*``, in nn.Linear's [out, in] and GPT-2 Conv1D's [in, out] layout."""
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     hp = hparams(arch)
     module = model.get_submodule(hp.module_name)
     templates = RomeEditor().context_templates(model, tokenizer, hp)
@@ -186,7 +163,7 @@ def test_rank_one_update_writes_v_star_at_the_subject_key(arch, request):
 def test_weight_delta_is_rank_one_on_the_edited_module_only(arch_dir):
     """(c, d) Only the edited weight changes, by exactly ``delta.dense()``, which has rank one."""
     arch, path = arch_dir
-    model, tokenizer = load(path)
+    model, tokenizer = load_tiny(path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hp = hparams(arch)
 
@@ -203,25 +180,25 @@ def test_weight_delta_is_rank_one_on_the_edited_module_only(arch_dir):
 
 def test_sequential_requests_restore_bit_exactly(tiny_llama_dir):
     """(b) Two requests, each on the model as edited so far; one restore undoes both, bit for bit."""
-    model, tokenizer = load(tiny_llama_dir)
-    original = param_hashes(model)
+    model, tokenizer = load_tiny(tiny_llama_dir)
+    original = parameter_hashes(model)
 
     edit = RomeEditor().apply(model, tokenizer, [EN, ZH], hparams("llama"))
 
-    assert param_hashes(model) != original
+    assert parameter_hashes(model) != original
     assert [r["target_new"] for r in edit.info["requests"]] == ["Rome", "巴黎"]
     (delta,) = edit.deltas  # both edits touch one weight: one delta of rank two
     assert delta.rank == 2
     edit.restore()
-    assert param_hashes(model) == original
+    assert parameter_hashes(model) == original
     edit.restore()  # a second restore is a no-op
-    assert param_hashes(model) == original
+    assert parameter_hashes(model) == original
 
 
 def test_chinese_request_on_byte_level_tokenizer(tiny_qwen2_dir):
     """(g) A Chinese prompt: the subject ends mid-prompt on a byte boundary and the target NLL still falls."""
-    model, tokenizer = load(tiny_qwen2_dir)
-    original = param_hashes(model)
+    model, tokenizer = load_tiny(tiny_qwen2_dir)
+    original = parameter_hashes(model)
     nll_before = target_nll(model, tokenizer, ZH)
 
     edit = RomeEditor().apply(model, tokenizer, [ZH], hparams("qwen2"))
@@ -229,11 +206,11 @@ def test_chinese_request_on_byte_level_tokenizer(tiny_qwen2_dir):
     assert target_nll(model, tokenizer, ZH) < nll_before
     assert edit.info["requests"][0]["nll"] < nll_before
     edit.restore()
-    assert param_hashes(model) == original
+    assert parameter_hashes(model) == original
 
 
 def test_early_stop_and_restored_grad_flags(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     model.train()
     edit = RomeEditor().apply(model, tokenizer, [EN], hparams("llama", early_stop_loss=100.0, early_stop_plain=False))
     assert edit.info["requests"][0]["steps"] == 0
@@ -245,7 +222,7 @@ def test_early_stop_waits_for_the_plain_prompt(tiny_llama_dir):
 
     A random model never gets the later target tokens right, so the optimisation runs all its steps.
     """
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     hp = hparams("llama", early_stop_loss=100.0, v_num_grad_steps=3)
     (record,) = RomeEditor().apply(model, tokenizer, [EN], hp).info["requests"]
     assert not record["plain_right"] and record["steps"] == 3
@@ -256,7 +233,7 @@ def test_early_stop_waits_for_the_plain_prompt(tiny_llama_dir):
 
 
 def value_setup(path, arch: str, request: EditRequest):
-    model, tokenizer = load(path)
+    model, tokenizer = load_tiny(path)
     hp = hparams(arch)
     module = model.get_submodule(hp.module_name)
     templates = RomeEditor().context_templates(model, tokenizer, hp)
@@ -286,7 +263,7 @@ def test_cached_forward_equals_the_full_forward(arch_dir, request_):
 
 def test_cached_forward_with_empty_prefixes(tiny_llama_dir):
     """Rows whose fact token is their first token (no prefix), alone or beside rows with one."""
-    model, _ = load(tiny_llama_dir)
+    model, _ = load_tiny(tiny_llama_dir)
     module = model.get_submodule("model.layers.1.mlp.down_proj")
     rows = [[0, 40, 41, 42, 43], [0, 50, 51], [0, 60, 61, 62, 63, 64, 65]]
     delta = torch.randn(64, generator=torch.Generator().manual_seed(0))
@@ -364,7 +341,7 @@ def test_family_defaults_and_string_overrides():
 
 
 def test_bad_settings_are_editor_errors(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     for overrides, message in [
         ({"layer": 99}, "not found"),
         ({"fact_token": "subject_first"}, "fact_token"),
@@ -379,7 +356,7 @@ def test_bad_settings_are_editor_errors(tiny_llama_dir):
 
 def test_covariance_adjustment_uses_the_key_statistics(tiny_llama_dir, tmp_path, monkeypatch):
     """(f) u = C^-1 k with C from a small corpus through the statistics engine (cached on disk, reused)."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     words = "the of and river city king war music science school language north village island".split()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(words[(i * j) % len(words)] for j in range(12)) for i in range(60)))
@@ -409,10 +386,10 @@ def test_covariance_adjustment_uses_the_key_statistics(tiny_llama_dir, tmp_path,
 
 
 def test_none_editor_changes_nothing(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
-    original = param_hashes(model)
+    model, tokenizer = load_tiny(tiny_llama_dir)
+    original = parameter_hashes(model)
     editor = NoEditor()
     edit = editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama"))
     assert edit.deltas == () and edit.prompt_transform is None
     edit.restore()
-    assert param_hashes(model) == original
+    assert parameter_hashes(model) == original
