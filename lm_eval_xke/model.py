@@ -38,7 +38,7 @@ EDIT_MODE_SEMANTICS = {
     ),
 }
 EDIT_MODES = tuple(EDIT_MODE_SEMANTICS)
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -57,8 +57,9 @@ class XKELM(LM):
 
     model_args: ``editor`` (registry name, default ``none``), ``editor_config`` (YAML file of
     hyper-parameters), any hyper-parameter of the chosen editor by name, ``edit_mode``
-    (single | batch | sequential), ``edit_batch_size``, ``backend`` (hf), ``seed``, ``xke_*`` task
-    options, and every argument of the backend (for `hf`: those of lm-eval's HFLM).
+    (single | batch | sequential), ``edit_batch_size``, ``backend`` (hf | vllm), ``seed``, ``xke_*`` task
+    options, and every argument of the backend (`hf`: those of lm-eval's HFLM; `vllm`: those of HFLM for the
+    editing model plus vLLM's ``EngineArgs`` fields).
     """
 
     def __init__(
@@ -85,11 +86,11 @@ class XKELM(LM):
             )
         if int(edit_batch_size) < 1:
             raise EditorError(f"edit_batch_size must be >= 1, got {edit_batch_size!r}")
-        overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls)
-
-        from lm_eval_xke.backends.hf import HFBackend
-
-        self.backend = HFBackend(**backend_kwargs)
+        backend_cls = _backend_class(backend)
+        overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls, backend_cls)
+        self.backend = backend_cls(**backend_kwargs)
+        # backends that answer many edits in one call are told, per request, which edits it is answered under
+        self._answers_per_edit = getattr(self.backend, "answers_per_edit", False)
         self.editor: Editor = editor_cls()
         model_type = getattr(self.backend.model.config, "model_type", "")
         self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides)
@@ -164,6 +165,7 @@ class XKELM(LM):
             "edit_mode_semantics": EDIT_MODE_SEMANTICS[self.edit_mode],
             "edit_batch_size": self.edit_batch_size,
             "backend": self.backend.name,
+            **({"backend_settings": self.backend.settings()} if hasattr(self.backend, "settings") else {}),
             "seed": self.seed,
             "task_options": dict(self.task_options),
             # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
@@ -185,8 +187,8 @@ class XKELM(LM):
             raise ValueError("xke edit cases cannot be scored with loglikelihood_rolling")
         return self.backend.lm.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
-    def _readout(self, instances: Sequence) -> list:
-        return [r.as_response() for r in self.backend.readout([inst.args for inst in instances])]
+    def _readout(self, instances: Sequence, *under: Sequence[tuple[AppliedEdit, ...]]) -> list:
+        return [r.as_response() for r in self.backend.readout([inst.args for inst in instances], *under)]
 
     def _answer_all(self, requests: list, passthrough: Callable, answer: Callable) -> list:
         """Answer every request, editing per case; results keep the order of ``requests``."""
@@ -200,7 +202,11 @@ class XKELM(LM):
             return results
 
         torch.manual_seed(self.seed)
-        self._answer_positions(requests, [p for w in works for p in w.positions_in(requests, "pre")], answer, results)
+        pre = [p for w in works for p in w.positions_in(requests, "pre")]
+        if self.edit_mode != "sequential" and self._answers_per_edit:
+            self._run_deferred(requests, works, pre, answer, results)
+            return results
+        self._answer_positions(requests, pre, answer, results)
         if self.edit_mode == "sequential":
             self._run_sequential(requests, works, answer, results)
         else:
@@ -213,6 +219,27 @@ class XKELM(LM):
                 finally:
                     edit.restore()
         return results
+
+    def _run_deferred(self, requests: list, works: list[_CaseWork], pre: list[int], answer: Callable, results: list):
+        """The fast path of backends that answer many edits at once (vLLM: one LoRA adapter per edit).
+
+        Every chunk is edited and restored first, its :class:`AppliedEdit` (deltas, prompt transform) kept; then the
+        pre questions and every chunk's post questions go to the backend in one call. An edit the backend cannot
+        replay after its restore (a memory editor's hooks) has its questions answered while it is applied.
+        """
+        groups: list[tuple[list[int], tuple[AppliedEdit, ...]]] = [(pre, ())]
+        for chunk_start in tqdm(range(0, len(works), self.edit_batch_size), desc=f"xke {self.editor.name} edits"):
+            chunk = works[chunk_start : chunk_start + self.edit_batch_size]
+            edit = self._apply([r for w in chunk for r in w.case.requests])
+            try:
+                post = [p for w in chunk for p in w.positions_in(requests, "post")]
+                if self.backend.can_serve(edit):
+                    groups.append((post, (edit,)))
+                else:
+                    self._answer_positions(requests, post, answer, results, [edit])
+            finally:
+                edit.restore()
+        self._answer_groups(requests, groups, answer, results)
 
     def _run_sequential(self, requests: list, works: list[_CaseWork], answer: Callable, results: list) -> None:
         """Edits accumulate in order; each case is answered right after its own edit, every case again after the
@@ -238,14 +265,26 @@ class XKELM(LM):
         self, requests: list, positions: list[int], answer: Callable, results: list, edits: Sequence[AppliedEdit] = ()
     ) -> None:
         """Answer the requests at ``positions`` in one call; a repeated position (lm-eval repeats/padding) once."""
-        unique = list(dict.fromkeys(positions))
-        if not unique:
+        self._answer_groups(requests, [(positions, tuple(edits))], answer, results)
+
+    def _answer_groups(
+        self, requests: list, groups: Sequence[tuple[list[int], tuple[AppliedEdit, ...]]], answer: Callable, results
+    ) -> None:
+        """Answer every group's positions, each under its edits, in one backend call."""
+        positions, instances, under = [], [], []
+        for group_positions, edits in groups:
+            for p in dict.fromkeys(group_positions):
+                instance = requests[p]
+                for edit in edits:  # prompt editors (IKE) rewrite the prompt; weight editors leave it alone
+                    if edit.prompt_transform is not None:
+                        instance = _with_context(instance, edit.prompt_transform(instance.args[0]))
+                positions.append(p)
+                instances.append(instance)
+                under.append(edits)
+        if not instances:
             return
-        instances = [requests[p] for p in unique]
-        for edit in edits:  # prompt editors (IKE) rewrite the prompt; weight editors leave it alone
-            if edit.prompt_transform is not None:
-                instances = [_with_context(inst, edit.prompt_transform(inst.args[0])) for inst in instances]
-        for p, out in zip(unique, answer(instances), strict=True):
+        answers = answer(instances, under) if self._answers_per_edit else answer(instances)
+        for p, out in zip(positions, answers, strict=True):
             results[p] = out
 
     def _group_cases(self, requests: list) -> list[_CaseWork]:
@@ -339,10 +378,24 @@ def _with_context(instance, context: str):
     return clone
 
 
-def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor]) -> tuple[dict, dict, dict]:
+def _backend_class(name: str) -> type:
+    """The backend's class; `vllm` (an optional extra) is imported only when asked for."""
+    if name == "vllm":
+        from lm_eval_xke.backends.vllm import VLLMBackend
+
+        return VLLMBackend
+    from lm_eval_xke.backends.hf import HFBackend
+
+    return HFBackend
+
+
+def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_cls: type) -> tuple[dict, dict, dict]:
     """Split model_args into editor hyper-parameter overrides, ``xke_*`` task options and backend arguments."""
     hparam_names = set(hparam_fields(editor_cls.hparams_class))
-    backend_names = set(inspect.signature(HFLM.__init__).parameters) - {"self", "backend", "kwargs"}
+    if hasattr(backend_cls, "argument_names"):
+        backend_names = set(backend_cls.argument_names())
+    else:
+        backend_names = set(inspect.signature(HFLM.__init__).parameters) - {"self", "backend", "kwargs"}
     overrides, task_options, backend_kwargs, unknown = {}, {}, {}, []
     for key, value in kwargs.items():
         if key in TASK_FIXED_OPTIONS:
@@ -360,7 +413,7 @@ def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor]) -> tuple
             f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
             f"xke arguments: editor, editor_config, edit_mode, edit_batch_size, backend, seed, xke_* task options; "
             f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
-            f"backend (hf) arguments: {', '.join(sorted(backend_names))}"
+            f"backend ({backend_cls.name}) arguments: {', '.join(sorted(backend_names))}"
         )
     if "pretrained" not in backend_kwargs:
         raise EditorError("--model xke needs pretrained=<model name, local folder or PreTrainedModel>")

@@ -1,0 +1,53 @@
+"""vLLM answers equal the HF backend's for the same ROME edits, on every route: LoRA, in place, mirrored."""
+
+from __future__ import annotations
+
+import pytest
+from vllm_cases import FACTS, TINY_ROME, answer, assert_same_answers, edited_first_token, requests
+
+PROTOCOLS = ("loglikelihood", "generate_until")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rome_answers_equal_hf(xke, request, arch, protocol):
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    lm = xke(model_dir, **TINY_ROME)
+    lora_before = lm.backend.answered["lora"]
+    ours = answer(lm, protocol, requests(protocol))
+    assert_same_answers(ours, answer(xke(model_dir, backend="hf", **TINY_ROME), protocol, requests(protocol)))
+    assert lm.backend.answered["lora"] - lora_before == 12  # every post question through its edit's adapter
+    if protocol == "loglikelihood":
+        assert all(edited_first_token(ours[i]) for i in range(1, len(ours), 4))  # the edits landed
+    settings = lm.get_model_info()["xke"]["backend_settings"]
+    assert settings["engine_args"]["max_lora_rank"] == 1
+    assert settings["engine_args"]["lora_target_modules"] == ["down_proj"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_lora_path_equals_in_place_path(xke, tiny_llama_dir, protocol):
+    lora = xke(tiny_llama_dir, **TINY_ROME)
+    in_place = xke(tiny_llama_dir, enable_lora=False, **TINY_ROME)
+    before = in_place.backend.answered["in_place"]
+    assert_same_answers(answer(in_place, protocol, requests(protocol)), answer(lora, protocol, requests(protocol)))
+    assert in_place.backend.answered["in_place"] - before == 12
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_gpt2_without_vllm_lora_is_answered_in_place(xke, tiny_gpt2_dir, protocol):
+    lm = xke(tiny_gpt2_dir, **TINY_ROME)
+    ours = answer(lm, protocol, requests(protocol))
+    assert_same_answers(ours, answer(xke(tiny_gpt2_dir, backend="hf", **TINY_ROME), protocol, requests(protocol)))
+    assert lm.backend.answered["in_place"] >= 12 and not lm.backend.answered["lora"]
+    assert not lm.get_model_info()["xke"]["backend_settings"]["engine_args"].get("enable_lora")
+
+
+def test_sequential_edits_are_mirrored_in_place(xke, tiny_llama_dir):
+    # real ROME: each edit is optimised on the model as edited so far
+    lm = xke(tiny_llama_dir, editor="rome", edit_mode="sequential", **TINY_ROME)
+    before = lm.backend.answered["live"]
+    questions = requests("loglikelihood", sequential=True, facts=FACTS[:2])
+    ours = lm.loglikelihood(questions)
+    hf = xke(tiny_llama_dir, editor="rome", backend="hf", edit_mode="sequential", **TINY_ROME)
+    assert_same_answers(ours, hf.loglikelihood(questions))
+    assert lm.backend.answered["live"] - before == 6 + 6  # post questions after each edit, final ones at the end
