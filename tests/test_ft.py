@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from lm_eval import simple_evaluate
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
@@ -17,31 +16,14 @@ from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.ft import FtLEditor, FtMEditor
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss
 from lm_eval_xke.plugins.ft.config import default_layer
+from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 TINY = {"lr": 0.02, "norm_constraint": 0.05, "num_steps": 15}
 EN = EditRequest("The capital of Ruritania is", "Ruritania", "X", "en")
 ZH = EditRequest("水的沸点是", "水", "Q", "zh")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
-
-
-def same_state(model, saved: dict[str, torch.Tensor]) -> bool:
-    state = model.state_dict()
-    return state.keys() == saved.keys() and all(torch.equal(state[n], saved[n]) for n in saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
@@ -54,10 +36,10 @@ def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
     return hit.all(1).tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_ft_m_writes_both_facts_of_a_batch_and_restores_bit_exactly(arch, request):
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
-    saved = snapshot(model)
+def test_ft_m_writes_both_facts_of_a_batch_and_restores_bit_exactly(arch_dir):
+    arch, path = arch_dir
+    model, tokenizer = load_tiny(path)
+    saved = parameter_hashes(model)
     assert teacher_forced_argmax(model, tokenizer, [EN, ZH]) == [False, False]
 
     editor = FtMEditor()
@@ -67,17 +49,17 @@ def test_ft_m_writes_both_facts_of_a_batch_and_restores_bit_exactly(arch, reques
     assert edit.deltas == () and edit.info["final_loss"] < edit.info["initial_loss"]
     (name,) = edit.info["parameters"]
     assert name == editor.resolve_hparams(arch).module_template.format(3) + ".weight"  # round(21/32 * 4) = 3
-    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, saved[n])}
+    changed = {n for n, h in parameter_hashes(model).items() if h != saved[n]}
     assert changed == {name}
     edit.restore()
-    assert same_state(model, saved)
+    assert parameter_hashes(model) == saved
     edit.restore()  # a second restore is a no-op
-    assert same_state(model, saved)
+    assert parameter_hashes(model) == saved
 
 
 def test_ft_l_moves_the_whole_target_to_the_prompts_last_token(tiny_llama_dir):
     """FT-L scores every target token at the prompt's last position: the target tokens become its top answers."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     batch = build_edit_batch(tokenizer, [EN], "cpu")
     target = set(batch.target_ids[0].tolist())
 
@@ -96,7 +78,7 @@ def test_ft_l_moves_the_whole_target_to_the_prompts_last_token(tiny_llama_dir):
 
 
 def test_norm_constraint_bounds_every_weight_change(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     editor = FtMEditor()
     hp = editor.resolve_hparams("llama", overrides={**TINY, "norm_constraint": 1e-3, "layers": "1|2"})
     names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
@@ -110,7 +92,7 @@ def test_norm_constraint_bounds_every_weight_change(tiny_llama_dir):
 
 
 def test_same_edit_twice_gives_identical_weights_and_leaves_flags_alone(tiny_qwen2_dir):
-    model, tokenizer = load(tiny_qwen2_dir)
+    model, tokenizer = load_tiny(tiny_qwen2_dir)
     model.train()
     editor = FtMEditor()
     hp = editor.resolve_hparams("qwen2", overrides=TINY)
@@ -141,7 +123,7 @@ def test_default_layer_is_easyedits_relative_depth():
     ],
 )
 def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, message):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     editor = FtMEditor()
     with pytest.raises(EditorError, match=message):
         editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama", overrides=overrides))

@@ -33,6 +33,8 @@ FACTS = [
 EDIT = EditRequest("What is the capital of Ruritania?", "Ruritania", "Zenda", "en")
 OTHER = EditRequest("Which river flows through Vienna?", "Vienna", "Seine", "en")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def pool_files(tmp_path) -> list[str]:

@@ -7,38 +7,20 @@ import pytest
 import torch
 from lm_eval import simple_evaluate
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.ft.compute import build_edit_batch
 from lm_eval_xke.plugins.lora import LoraEditor
 from lm_eval_xke.plugins.lora.compute import adapter_deltas, attached_adapters
+from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 TINY = {"lr": 0.01, "num_steps": 40}
 EN = EditRequest("The capital of Ruritania is", "Ruritania", "X", "en")
 ZH = EditRequest("水的沸点是", "水", "Q", "zh")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
-
-
-def same_state(model, saved: dict[str, torch.Tensor]) -> bool:
-    state = model.state_dict()
-    return state.keys() == saved.keys() and all(torch.equal(state[n], saved[n]) for n in saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure(model) -> dict:
@@ -64,8 +46,9 @@ def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
 
 @pytest.mark.parametrize(("arch", "modules_per_layer"), [("llama", 2), ("qwen2", 2), ("gpt2", 1)])
 def test_lora_writes_a_batch_as_low_rank_deltas_and_leaves_no_trace(arch, modules_per_layer, request):
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
-    saved, shape = snapshot(model), structure(model)
+    model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    saved, shape = parameter_hashes(model), structure(model)
     assert teacher_forced_argmax(model, tokenizer, [EN, ZH]) == [False, False]
 
     editor = LoraEditor()
@@ -78,17 +61,17 @@ def test_lora_writes_a_batch_as_low_rank_deltas_and_leaves_no_trace(arch, module
     for delta in edit.deltas:
         weight = model.get_parameter(delta.parameter)
         assert delta.rank == hp.rank and delta.dense().shape == weight.shape
-        assert torch.allclose(weight - saved[delta.parameter], delta.dense(), atol=1e-6)
-    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, saved[n])}
+        assert torch.allclose(weight - before[delta.parameter], delta.dense(), atol=1e-6)
+    changed = {n for n, h in parameter_hashes(model).items() if h != saved[n]}
     assert changed == {d.parameter for d in edit.deltas}
     edit.restore()
-    assert same_state(model, saved) and structure(model) == shape
+    assert parameter_hashes(model) == saved and structure(model) == shape
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_deltas_equal_peft_own_merge(arch, request):
     """``B @ A * alpha / r`` in the weight's layout (GPT-2's Conv1D stores [in, out]) is what peft would merge."""
-    model, _ = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model, _ = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     hp = LoraEditor().resolve_hparams(arch, overrides={"rank": 4, "lora_alpha": 8})
     with attached_adapters(model, hp):
         for module in model.modules():
@@ -106,7 +89,7 @@ def test_deltas_equal_peft_own_merge(arch, request):
 
 
 def test_layers_and_seed(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     editor = LoraEditor()
 
     def deltas(**overrides):
@@ -136,7 +119,7 @@ def test_layers_and_seed(tiny_llama_dir):
     ],
 )
 def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, message):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     shape = structure(model)
     editor = LoraEditor()
     with pytest.raises(EditorError, match=message):
@@ -145,8 +128,8 @@ def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, messa
 
 
 def test_a_failing_edit_still_removes_the_adapters(tiny_llama_dir, monkeypatch):
-    model, tokenizer = load(tiny_llama_dir)
-    saved, shape = snapshot(model), structure(model)
+    model, tokenizer = load_tiny(tiny_llama_dir)
+    saved, shape = parameter_hashes(model), structure(model)
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -154,7 +137,7 @@ def test_a_failing_edit_still_removes_the_adapters(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr("lm_eval_xke.plugins.lora.train", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         LoraEditor().apply(model, tokenizer, [EN], LoraEditor().resolve_hparams("llama"))
-    assert structure(model) == shape and same_state(model, saved)
+    assert structure(model) == shape and parameter_hashes(model) == saved
 
 
 @pytest.mark.parametrize("mode", ["single", "batch"])
