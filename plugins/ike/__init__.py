@@ -7,6 +7,7 @@ context, and places it in chat-rendered prompts. This module keeps, per model, t
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from weakref import WeakKeyDictionary
@@ -22,11 +23,12 @@ log = logging.getLogger("lm_eval.models.xke.ike")
 
 
 class _InForce:
-    """One applied IKE edit: its requests and each request's demonstrations (nearest first)."""
+    """One applied IKE edit: its requests, each request's demonstrations (nearest first), when it was applied."""
 
-    def __init__(self, requests: Sequence[EditRequest], ranked: list[list[str]]) -> None:
+    def __init__(self, requests: Sequence[EditRequest], ranked: list[list[str]], order: int) -> None:
         self.requests = list(requests)
         self.ranked = ranked
+        self.order = order
 
 
 class IkeEditor(Editor):
@@ -40,27 +42,30 @@ class IkeEditor(Editor):
         # per model, the IKE edits in force, oldest first (sequential mode keeps several)
         self._in_force: WeakKeyDictionary = WeakKeyDictionary()
         self._fallbacks_told: set[str] = set()
+        self._applied = itertools.count()
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
-        """Retrieve the demonstrations; the returned transform puts every IKE fact in force before the question.
+        """Retrieve the demonstrations; the returned transform writes the context of this edit and of every IKE edit
+        that was in force when it was applied (it keeps working after ``restore``, as the deferred vLLM path needs).
 
         With several edits in force (``edit_mode=sequential``) the newest one's transform writes the context of all
         of them (every new fact, and k demonstrations drawn from all their retrievals); the older ones' transforms
-        pass the prompt through, so each fact appears once.
+        pass the prompt through while a newer IKE edit is in force, so each fact appears once.
         """
         hp = self.check_hparams(hparams)
         pool = self.pool(hp) if hp.k > 0 else None
         ranked = [self.demonstrations(pool, r, hp) for r in requests] if pool else [[] for _ in requests]
-        entry = _InForce(requests, ranked)
         in_force = self._in_force.setdefault(model, [])
+        entry = _InForce(requests, ranked, order=next(self._applied))
         in_force.append(entry)
+        context = ike_context(
+            [r for e in in_force for r in e.requests], [demos for e in in_force for demos in e.ranked], hp.k
+        )
         layout = chat_layout(tokenizer)
 
         def transform(prompt: str) -> str:
-            if not in_force or in_force[-1] is not entry:
-                return prompt  # restored, or a newer IKE edit writes the context
-            facts = [r for e in in_force for r in e.requests]
-            context = ike_context(facts, [demos for e in in_force for demos in e.ranked], hp.k)
+            if any(e.order > entry.order for e in in_force):
+                return prompt  # a newer IKE edit writes the context of this one too
             return insert_context(prompt, context, layout)
 
         def restore() -> None:
