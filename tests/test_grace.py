@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 from lm_eval import simple_evaluate
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.grace import GraceEditor, GraceHyperParams
 from lm_eval_xke.plugins.grace.codebook import codebook_on, has_codebook
 from lm_eval_xke.plugins.rome.compute import split_prompt_target
+from lm_eval_xke.testing import load_tiny
 
 # A random tiny model's module inputs are small (norm ~0.1), so the radius is scaled down with them.
 TINY = {"layer": 2, "eps": 0.01, "n_iter": 100}
@@ -29,18 +29,7 @@ REQUESTS = [
 FAR = ["Water is made of hydrogen and oxygen", "Die Katze schläft"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a busy machine spinning threads slow them down a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load(path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hparams(model_type: str = "llama", **overrides) -> GraceHyperParams:
@@ -76,7 +65,7 @@ def assert_original(model, module, original: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_edit_lands_and_far_inputs_pass_through(arch, request, caplog):
     """The edit prompt's next token becomes the target's first; prompts far from the key give identical logits."""
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     predicted, target = first_token(model, tokenizer, REQUESTS[0])
     assert predicted != target
     far = logits(model, tokenizer, FAR)
@@ -93,7 +82,7 @@ def test_edit_lands_and_far_inputs_pass_through(arch, request, caplog):
 
 
 def test_sequential_edits_accumulate_and_restore_newest_first_bit_exactly(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     module = model.get_submodule(hparams().module_name)
     original, far = state(model), logits(model, tokenizer, FAR)
     editor = GraceEditor()
@@ -115,7 +104,7 @@ def test_sequential_edits_accumulate_and_restore_newest_first_bit_exactly(tiny_l
 
 def test_single_mode_restore_and_batch_of_requests(tiny_llama_dir):
     """One call with several requests writes one key each and one restore removes them all."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     module = model.get_submodule(hparams().module_name)
     original, before = state(model), logits(model, tokenizer, [r.prompt for r in REQUESTS])
     edit = GraceEditor().apply(model, tokenizer, REQUESTS, hparams())
@@ -167,7 +156,7 @@ def test_replacement_only_at_positions_within_the_radius():
 
 
 def test_failed_edit_leaves_nothing_behind(tiny_llama_dir, monkeypatch):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     module = model.get_submodule(hparams().module_name)
     original = state(model)
 
@@ -236,7 +225,7 @@ def edit_prompt_first_tokens(out: dict) -> int:
     ],
 )
 def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, message):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     with pytest.raises(EditorError, match=message):
         GraceEditor().apply(model, tokenizer, REQUESTS[:1], hparams(**overrides))
     assert not any(m._forward_hooks for m in model.modules())

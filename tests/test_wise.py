@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from test_grace import REQUESTS, edit_prompt_first_tokens, first_token, identical, logits, run_bizsre, state
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
@@ -19,6 +18,7 @@ from lm_eval_xke.plugins.wise import WiseEditor, WiseHyperParams
 from lm_eval_xke.plugins.wise.compute import sparsify, ties_merge
 from lm_eval_xke.plugins.wise.memory import has_memory
 from lm_eval_xke.stats import pad_right
+from lm_eval_xke.testing import load_tiny
 
 TINY = {
     "layer": 2,
@@ -35,18 +35,7 @@ TINY = {
 }
 FAR = ["Water is made of hydrogen and oxygen", "Die Katze schläft"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load(path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hparams(model_type: str = "llama", **overrides) -> WiseHyperParams:
@@ -66,7 +55,7 @@ def lands(model, tokenizer, request: EditRequest) -> bool:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_edit_lands_and_unrelated_prompts_stay_on_the_main_memory(arch, request, caplog):
-    model, tokenizer = load(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     hp = hparams(arch)
     assert not lands(model, tokenizer, REQUESTS[0])
     # the irrelevant prompts are trained below the threshold; prompts never seen in training are checked on the
@@ -89,7 +78,7 @@ def test_edit_lands_and_unrelated_prompts_stay_on_the_main_memory(arch, request,
 def test_sequential_edits_merge_and_restore_newest_first_bit_exactly(tiny_llama_dir, save_freq):
     """Restoring the newest edit gives back exactly the state before it: after a shard change and a merge
     (one edit per shard, a merge every two edits) and inside one shard trained in place (its masked entries)."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     hp = hparams(save_freq=save_freq, merge_freq=2 * save_freq)
     module = model.get_submodule(hp.module_name)
     original, far = state(model), logits(model, tokenizer, FAR)
@@ -119,7 +108,7 @@ def test_sequential_edits_merge_and_restore_newest_first_bit_exactly(tiny_llama_
 
 def test_routing_is_per_sequence_and_ignores_padding(tiny_llama_dir):
     """In a right-padded batch each row is routed on the mean score of its own real tokens."""
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     rows = [tokenizer(REQUESTS[0].prompt)["input_ids"], tokenizer(FAR[0] + " and more words here")["input_ids"]]
     input_ids, mask = pad_right(rows, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -133,7 +122,7 @@ def test_routing_is_per_sequence_and_ignores_padding(tiny_llama_dir):
 
 
 def test_batch_of_requests_is_one_edit_and_restores_exactly(tiny_llama_dir):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     module = model.get_submodule(hparams().module_name)
     original = state(model)
     edit = WiseEditor().apply(model, tokenizer, REQUESTS, hparams())
@@ -144,7 +133,7 @@ def test_batch_of_requests_is_one_edit_and_restores_exactly(tiny_llama_dir):
 
 
 def test_failed_edit_leaves_nothing_behind(tiny_llama_dir, monkeypatch):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     module = model.get_submodule(hparams().module_name)
     original = state(model)
 
@@ -194,7 +183,7 @@ def test_cli_path_sequential_and_batch(tiny_llama_dir, data_dir, monkeypatch):
     ],
 )
 def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, message):
-    model, tokenizer = load(tiny_llama_dir)
+    model, tokenizer = load_tiny(tiny_llama_dir)
     with pytest.raises(EditorError, match=message):
         WiseEditor().apply(model, tokenizer, REQUESTS[:1], hparams(**overrides))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
