@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.plugins.rome.compute import _pad_id, split_prompt_target
+from lm_eval_xke.plugins.rome.compute import padding_id, split_prompt_target
 from lm_eval_xke.stats import pad_right
 
 OBJECTIVES = ("prompt_last", "target_new")
@@ -42,7 +42,7 @@ class EditBatch:
 def build_edit_batch(tokenizer, requests: Sequence[EditRequest], device) -> EditBatch:
     """Tokenize every request as the teacher-forced evaluation does (``split_prompt_target``) and batch them."""
     pairs = [split_prompt_target(tokenizer, r.prompt, r.target_new) for r in requests]
-    input_ids, attention_mask = pad_right([p + t[:-1] for p, t in pairs], _pad_id(tokenizer), device)
+    input_ids, attention_mask = pad_right([p + t[:-1] for p, t in pairs], padding_id(tokenizer), device)
     longest = max(len(t) for _, t in pairs)
     target_ids = torch.zeros((len(pairs), longest), dtype=torch.long)
     target_mask = torch.zeros((len(pairs), longest), dtype=torch.bool)

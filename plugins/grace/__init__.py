@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.plugins.rome.compute import _pad_id
+from lm_eval_xke.plugins.rome.compute import padding_id
 
 from .codebook import codebook_on
 from .compute import compute_key, edit_batch, edited_module, initial_value, train_value
@@ -58,7 +58,7 @@ class GraceEditor(Editor):
         batch = edit_batch(tokenizer, request, module.weight.device)
         key, output = compute_key(model, module, batch)
         entry, case = codebook.write(key, tuple(batch.t_ids.tolist()), hp.eps, initial_value(hp, output))
-        trained = train_value(model, module, batch, entry, _pad_id(tokenizer), hp)
+        trained = train_value(model, module, batch, entry, padding_id(tokenizer), hp)
         codebook.set_value(entry, trained.value)
         return {
             "target_new": request.target_new,

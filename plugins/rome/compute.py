@@ -116,7 +116,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
@@ -173,7 +173,7 @@ def compute_k(
     """The key ``k``: the module's input at the fact token, averaged over the context templates (float32)."""
     texts = [t.format(request.prompt) for t in templates]
     positions = [fact_token_index(tokenizer, t, request.prompt, request.subject, fact_token) for t in templates]
-    input_ids, mask = pad_right([tokenizer(x)["input_ids"] for x in texts], _pad_id(tokenizer), _device(model))
+    input_ids, mask = pad_right([tokenizer(x)["input_ids"] for x in texts], padding_id(tokenizer), _device(model))
     with trace_module(module) as record:
         model(input_ids=input_ids, attention_mask=mask)
     inputs = record["input"]
@@ -406,7 +406,7 @@ def value_forward(model, module, batch: ValueBatch, pad_id: int, reference: Refe
     """The cached path where the prefixes' KV cache could be taken (or there are no prefixes), else the full one."""
     if reference.prefix is None and max(batch.positions) > 0:
         log.warning(
-            "ROME: the KV cache of %s cannot be reused for the prefixes; using the full forward (slower)",
+            "the KV cache of %s cannot be reused for the prefixes; using the full forward (slower)",
             model.config.model_type,
         )
         return full_forward(model, module, batch, pad_id)
@@ -426,7 +426,7 @@ def self_checked(
     if paths_agree(log_probs.detach(), reference.log_probs, module.weight.dtype):
         return forward, log_probs
     log.warning(
-        "ROME: the KV-cached value optimisation disagrees with the full forward on %s; using the full forward (slower)",
+        "the KV-cached value optimisation disagrees with the full forward on %s; using the full forward (slower)",
         model.config.model_type,
     )
     full = full_forward(model, module, batch, pad_id)
@@ -443,7 +443,7 @@ def compute_v(
     + ``v_weight_decay`` * ``||delta|| / ||v_init||^2``. ``templates[0]`` must be the plain ``"{}"``.
     Only each row's suffix (fact token onward) is recomputed per step (``cached_forward``).
     """
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     batch = build_value_batch(tokenizer, request, templates, hp.fact_token, _device(model))
     reference = reference_pass(model, module, batch, pad_id)
     forward = value_forward(model, module, batch, pad_id, reference)

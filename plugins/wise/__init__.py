@@ -17,7 +17,7 @@ import torch
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
 from lm_eval_xke.plugins.grace.compute import edited_module
-from lm_eval_xke.plugins.rome.compute import _pad_id, generate_context_templates
+from lm_eval_xke.plugins.rome.compute import generate_context_templates, padding_id
 
 from .compute import build_edit_batch, merge_weights, module_inputs, random_mask, ties_merge
 from .config import FAMILY_DEFAULTS, WiseHyperParams
@@ -51,7 +51,7 @@ class WiseEditor(Editor):
             token = object()
             try:
                 shard = memory.begin(token, hp.save_freq, lambda: new_shard(module, hp, memory.n_edits))
-                result = train_shard(model, module, memory, shard, rows, _pad_id(tokenizer), hp)
+                result = train_shard(model, module, memory, shard, rows, padding_id(tokenizer), hp)
                 memory.act_ratio = hp.act_ratio
                 memory.finish(result.edit_scores)
                 merged = memory.n_edits % hp.merge_freq == 0
@@ -82,7 +82,7 @@ class WiseEditor(Editor):
     def edit_rows(self, model, tokenizer, module, requests: Sequence[EditRequest], hp: WiseHyperParams) -> EditRows:
         templates = self.context_templates(model, tokenizer, hp)
         device = module.weight.device
-        pad_id = _pad_id(tokenizer)
+        pad_id = padding_id(tokenizer)
         irrelevant_inputs, irrelevant_valid = module_inputs(
             model, module, [tokenizer(p)["input_ids"] for p in hp.irrelevant_prompts], pad_id
         )
