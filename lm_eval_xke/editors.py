@@ -216,6 +216,23 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def edited_module(model, module_name: str, method: str):
+    """The linear module (``nn.Linear`` or GPT-2's ``Conv1D``) called ``module_name``; an EditorError names the fix."""
+    import torch
+
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        layers = getattr(model.config, "num_hidden_layers", "?")
+        raise EditorError(
+            f"module {module_name!r} not found (model_type {model.config.model_type!r}, {layers} layers); "
+            "set module_template and layer"
+        ) from None
+    if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
+        raise EditorError(f"{method} edits or wraps a linear module; {module_name} is a {type(module).__name__}")
+    return module
+
+
 # ---------------------------------------------------------------- registry
 
 _runtime_editors: dict[str, type[Editor]] = {}

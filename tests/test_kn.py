@@ -17,7 +17,7 @@ from lm_eval_xke.plugins.kn.compute import (
     refine_neurons,
     value_slot,
 )
-from lm_eval_xke.plugins.rome.compute import split_prompt_target
+from lm_eval_xke.plugins.rome.compute import context_templates, split_prompt_target
 from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 EN = EditRequest("The capital of France", "France", "Rome", "en")
@@ -194,7 +194,9 @@ def test_refine_and_max_neurons(tiny_qwen2_dir):
     (record,) = edit.info["requests"]
     assert len(record["n_coarse"]) == 3  # the bare prompt and two context-prefixed copies
     assert 0 < len(record["neurons"]) <= 3
-    assert editor.context_templates(model, tokenizer, hp) is editor.context_templates(model, tokenizer, hp)
+    # the prefixes came from the shared per-model cache: asking again returns that same list
+    settings = ([hp.refine_template_length], hp.refine_templates, hp.template_seed)
+    assert len(context_templates(model, tokenizer, *settings)) == 3
     edit.restore()
 
 

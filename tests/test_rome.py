@@ -105,15 +105,15 @@ def test_fact_token_index_finds_the_subject_in_the_prompt_not_in_the_prefix(tiny
 def test_context_templates_are_seeded_cached_and_leave_the_global_rng_alone(tiny_llama_dir):
     model, tokenizer = load_tiny(tiny_llama_dir)
     hp = hparams("llama")
-    editor = RomeEditor()
+    settings = (hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed)
     rng = torch.random.get_rng_state()
-    templates = editor.context_templates(model, tokenizer, hp)
+    templates = compute.context_templates(model, tokenizer, *settings)
     assert torch.equal(rng, torch.random.get_rng_state())
     assert templates[0] == "{}" and len(templates) == 1 + 5
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in templates[1:])
-    assert editor.context_templates(model, tokenizer, hp) is templates
-    assert RomeEditor().context_templates(model, tokenizer, hp) == templates
-    assert RomeEditor().context_templates(model, tokenizer, hparams("llama", template_seed=1)) != templates
+    assert compute.context_templates(model, tokenizer, *settings) is templates  # cached per model and settings
+    assert compute.generate_context_templates(model, tokenizer, *settings) == templates  # seeded: reproducible
+    assert compute.context_templates(model, tokenizer, *settings[:2], 1) != templates
 
 
 # ---------------------------------------------------------------- the edit
@@ -142,7 +142,9 @@ def test_rank_one_update_writes_v_star_at_the_subject_key(arch, request):
     model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     hp = hparams(arch)
     module = model.get_submodule(hp.module_name)
-    templates = RomeEditor().context_templates(model, tokenizer, hp)
+    templates = compute.context_templates(
+        model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
+    )
     u = compute_u(compute_k(model, tokenizer, module, EN, templates, hp.fact_token))
     solution = compute_v(model, tokenizer, module, EN, templates, hp)
     delta = rank_one_delta(f"{hp.module_name}.weight", module, u, compute_right(u, solution))
@@ -236,7 +238,9 @@ def value_setup(path, arch: str, request: EditRequest):
     model, tokenizer = load_tiny(path)
     hp = hparams(arch)
     module = model.get_submodule(hp.module_name)
-    templates = RomeEditor().context_templates(model, tokenizer, hp)
+    templates = compute.context_templates(
+        model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
+    )
     batch = build_value_batch(tokenizer, request, templates, hp.fact_token, "cpu")
     return model, tokenizer, module, templates, batch, hp
 

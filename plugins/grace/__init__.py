@@ -10,11 +10,11 @@ import time
 from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, edited_module
 from lm_eval_xke.plugins.rome.compute import padding_id
 
 from .codebook import codebook_on
-from .compute import compute_key, edit_batch, edited_module, initial_value, train_value
+from .compute import compute_key, edit_batch, initial_value, train_value
 from .config import FAMILY_DEFAULTS, VALUE_INITS, GraceHyperParams
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.rome.compute import (
     ValueBatch,
     frozen_parameters,
@@ -26,21 +25,6 @@ from lm_eval_xke.plugins.rome.compute import (
 
 from .codebook import Entry
 from .config import GraceHyperParams
-
-
-def edited_module(model, module_name: str, method: str) -> torch.nn.Module:
-    """The linear module (``nn.Linear`` or GPT-2's ``Conv1D``) called ``module_name``; an EditorError names the fix."""
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        layers = getattr(model.config, "num_hidden_layers", "?")
-        raise EditorError(
-            f"module {module_name!r} not found (model_type {model.config.model_type!r}, {layers} layers); "
-            "set module_template and layer"
-        ) from None
-    if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
-        raise EditorError(f"{method} wraps a linear module; {module_name} is a {type(module).__name__}")
-    return module
 
 
 def edit_batch(tokenizer, request: EditRequest, device) -> ValueBatch:

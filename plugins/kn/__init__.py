@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas
 
-from ..rome.compute import frozen_parameters, generate_context_templates, split_prompt_target
+from ..rome.compute import context_templates, frozen_parameters, split_prompt_target
 from .compute import (
     AttributionPrompt,
     attribute,
@@ -38,10 +37,6 @@ class KnEditor(Editor):
     # of several cases can be applied together
     supports_batch = True
 
-    def __init__(self) -> None:
-        # per-model context prefixes for `refine`, weakly keyed so that a dropped model frees its entries
-        self._templates: WeakKeyDictionary = WeakKeyDictionary()
-
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Attribute every request on the unedited model, then add all value-slot updates at once."""
         hp = self.check_hparams(model, hparams)
@@ -52,7 +47,11 @@ class KnEditor(Editor):
         updates: dict[tuple[int, int], torch.Tensor] = {}
         records = []
         try:
-            templates = self.context_templates(model, tokenizer, hp) if hp.refine else ["{}"]
+            templates = (
+                context_templates(model, tokenizer, [hp.refine_template_length], hp.refine_templates, hp.template_seed)
+                if hp.refine
+                else ["{}"]
+            )
             with frozen_parameters(model), torch.enable_grad():
                 for request in requests:
                     start = time.perf_counter()
@@ -131,16 +130,6 @@ class KnEditor(Editor):
         if hparams.refine and (hparams.refine_templates < 1 or hparams.refine_template_length < 1):
             raise EditorError("refine needs refine_templates >= 1 and refine_template_length >= 1")
         return hparams
-
-    def context_templates(self, model, tokenizer, hp: KnHyperParams) -> list[str]:
-        """``["{}"]`` plus context prefixes sampled once per model (ROME's generator), reused for every edit."""
-        key = (hp.refine_template_length, hp.refine_templates, hp.template_seed)
-        per_model = self._templates.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = generate_context_templates(
-                model, tokenizer, [hp.refine_template_length], hp.refine_templates, hp.template_seed
-            )
-        return per_model[key]
 
 
 __all__ = ["KnEditor", "KnHyperParams"]

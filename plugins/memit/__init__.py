@@ -15,7 +15,7 @@ import torch
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, EditorError, HyperParams, apply_weight_deltas
 from lm_eval_xke.plugins.rome import RomeEditor, merge_deltas, restore_all
-from lm_eval_xke.plugins.rome.compute import _device, compute_v
+from lm_eval_xke.plugins.rome.compute import _device, compute_v, context_templates
 from lm_eval_xke.plugins.rome.config import FACT_TOKENS
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 
@@ -41,7 +41,9 @@ class MemitEditor(RomeEditor):
         model.eval()  # no dropout while keys and values are measured
         applied: list[AppliedEdit] = []
         try:
-            templates = self.context_templates(model, tokenizer, hp)
+            templates = context_templates(
+                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
+            )
             mom2 = self.second_moments(model, tokenizer, hp)
             block = model.get_submodule(hp.layer_module_template.format(hp.layers[-1]))
             last = model.get_submodule(hp.module_names()[-1])

@@ -13,14 +13,22 @@ from weakref import WeakKeyDictionary
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
+from lm_eval_xke.editors import (
+    AppliedEdit,
+    Editor,
+    EditorError,
+    HyperParams,
+    WeightDelta,
+    apply_weight_deltas,
+    edited_module,
+)
 from lm_eval_xke.stats import CorpusError, key_statistics, parse_corpus
 
 from .compute import (
     compute_right,
     compute_u,
     compute_v,
-    generate_context_templates,
+    context_templates,
     inverse_second_moment,
     rank_one_delta,
 )
@@ -38,7 +46,6 @@ class RomeEditor(Editor):
 
     def __init__(self) -> None:
         # per-model caches, weakly keyed so that a dropped model frees its entries
-        self._templates: WeakKeyDictionary = WeakKeyDictionary()
         self._inv_mom2: WeakKeyDictionary = WeakKeyDictionary()
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
@@ -50,7 +57,9 @@ class RomeEditor(Editor):
         applied: list[AppliedEdit] = []
         records: list[dict] = []
         try:
-            templates = self.context_templates(model, tokenizer, hp)
+            templates = context_templates(
+                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
+            )
             inv_mom2 = self.inverse_mom2(model, tokenizer, hp) if hp.mom2_adjustment else None
             for request in requests:
                 start = time.perf_counter()
@@ -91,32 +100,13 @@ class RomeEditor(Editor):
             raise EditorError(f"editor 'rome' needs RomeHyperParams, got {type(hparams).__name__}")
         if hparams.fact_token not in FACT_TOKENS:
             raise EditorError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {hparams.fact_token!r}")
-        try:
-            module = model.get_submodule(hparams.module_name)
-        except AttributeError:
-            layers = getattr(model.config, "num_hidden_layers", "?")
-            raise EditorError(
-                f"module {hparams.module_name!r} not found (model_type {model.config.model_type!r}, {layers} layers); "
-                "set module_template and layer"
-            ) from None
-        if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
-            raise EditorError(f"ROME edits a linear module; {hparams.module_name} is a {type(module).__name__}")
+        edited_module(model, hparams.module_name, "ROME")
         if hparams.mom2_adjustment:
             try:
                 parse_corpus(hparams.mom2_corpus)
             except CorpusError as err:
                 raise EditorError(f"mom2_corpus: {err}") from None
         return hparams
-
-    def context_templates(self, model, tokenizer, hp: RomeHyperParams) -> list[str]:
-        """Context templates sampled once per model (and per template settings), then reused for every edit."""
-        key = (tuple(hp.context_template_lengths), hp.context_templates_per_length, hp.template_seed)
-        per_model = self._templates.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = generate_context_templates(
-                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
-            )
-        return per_model[key]
 
     def inverse_mom2(self, model, tokenizer, hp: RomeHyperParams) -> torch.Tensor:
         """``C^-1`` of the edited module's keys; statistics come from the on-disk cache when possible."""

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,18 @@ def padding_id(tokenizer) -> int:
 
 
 # ---------------------------------------------------------------- context templates
+
+#: per model (weakly keyed, so a dropped model frees its entry): templates by (lengths, per_length, seed)
+_TEMPLATES: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def context_templates(model, tokenizer, lengths: Sequence[int], per_length: int, seed: int) -> list[str]:
+    """``generate_context_templates`` once per model and settings, then reused by every edit and every editor."""
+    per_model = _TEMPLATES.setdefault(model, {})
+    key = (tuple(lengths), per_length, seed)
+    if key not in per_model:
+        per_model[key] = generate_context_templates(model, tokenizer, lengths, per_length, seed)
+    return per_model[key]
 
 
 def generate_context_templates(model, tokenizer, lengths: Sequence[int], per_length: int, seed: int) -> list[str]:

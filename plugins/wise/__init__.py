@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.plugins.grace.compute import edited_module
-from lm_eval_xke.plugins.rome.compute import generate_context_templates, padding_id
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, edited_module
+from lm_eval_xke.plugins.rome.compute import context_templates, padding_id
 
 from .compute import build_edit_batch, merge_weights, module_inputs, random_mask, ties_merge
 from .config import FAMILY_DEFAULTS, WiseHyperParams
@@ -33,10 +31,6 @@ class WiseEditor(Editor):
     family_defaults = FAMILY_DEFAULTS
     # the paper edits batches: all requests of one call train the same shard together, as one edit
     supports_batch = True
-
-    def __init__(self) -> None:
-        # per-model caches, weakly keyed so that a dropped model frees its entries
-        self._templates: WeakKeyDictionary = WeakKeyDictionary()
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Train the requests into the current shard (merging when due); the handle restores the memory before it."""
@@ -80,7 +74,9 @@ class WiseEditor(Editor):
         return AppliedEdit(restore=lambda: memory.rollback(token), info=info)
 
     def edit_rows(self, model, tokenizer, module, requests: Sequence[EditRequest], hp: WiseHyperParams) -> EditRows:
-        templates = self.context_templates(model, tokenizer, hp)
+        templates = context_templates(
+            model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
+        )
         device = module.weight.device
         pad_id = padding_id(tokenizer)
         irrelevant_inputs, irrelevant_valid = module_inputs(
@@ -92,16 +88,6 @@ class WiseEditor(Editor):
             irrelevant_inputs=irrelevant_inputs,
             irrelevant_valid=irrelevant_valid,
         )
-
-    def context_templates(self, model, tokenizer, hp: WiseHyperParams) -> list[str]:
-        """Context templates sampled once per model (and per template settings), then reused for every edit."""
-        key = (tuple(hp.context_template_lengths), hp.context_templates_per_length, hp.template_seed)
-        per_model = self._templates.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = generate_context_templates(
-                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
-            )
-        return per_model[key]
 
     def check_hparams(self, model, hparams: HyperParams) -> WiseHyperParams:
         """Reject settings that cannot work, naming the fix."""
