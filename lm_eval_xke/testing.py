@@ -93,3 +93,17 @@ def parameter_hashes(model) -> dict[str, str]:
         ).hexdigest()
 
     return {name: digest(p) for name, p in model.named_parameters()}
+
+
+def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
+    """Per ``EditRequest``: whether the argmax at every target position is the target token (the evaluation's EM)."""
+    import torch
+
+    from lm_eval_xke.plugins.ft.compute import build_edit_batch
+
+    batch = build_edit_batch(tokenizer, requests, next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows = torch.arange(len(requests), device=logits.device)[:, None]
+    hit = (logits[rows, batch.read_cols].argmax(-1) == batch.target_ids) | ~batch.target_mask
+    return hit.all(1).tolist()

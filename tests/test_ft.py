@@ -16,7 +16,7 @@ from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.ft import FtLEditor, FtMEditor
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss
 from lm_eval_xke.plugins.ft.config import default_layer
-from lm_eval_xke.testing import load_tiny, parameter_hashes
+from lm_eval_xke.testing import load_tiny, parameter_hashes, teacher_forced_argmax
 
 TINY = {"lr": 0.02, "norm_constraint": 0.05, "num_steps": 15}
 EN = EditRequest("The capital of Ruritania is", "Ruritania", "X", "en")
@@ -24,16 +24,6 @@ ZH = EditRequest("水的沸点是", "水", "Q", "zh")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@torch.no_grad()
-def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
-    """Per request: whether the argmax at every target position is the target token (the evaluation's EM)."""
-    batch = build_edit_batch(tokenizer, requests, "cpu")
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    rows = torch.arange(len(requests))[:, None]
-    hit = (logits[rows, batch.read_cols].argmax(-1) == batch.target_ids) | ~batch.target_mask
-    return hit.all(1).tolist()
 
 
 def test_ft_m_writes_both_facts_of_a_batch_and_restores_bit_exactly(arch_dir):

@@ -10,10 +10,9 @@ from peft.tuners.lora import LoraLayer
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
-from lm_eval_xke.plugins.ft.compute import build_edit_batch
 from lm_eval_xke.plugins.lora import LoraEditor
 from lm_eval_xke.plugins.lora.compute import adapter_deltas, attached_adapters
-from lm_eval_xke.testing import load_tiny, parameter_hashes
+from lm_eval_xke.testing import load_tiny, parameter_hashes, teacher_forced_argmax
 
 TINY = {"lr": 0.01, "num_steps": 40}
 EN = EditRequest("The capital of Ruritania is", "Ruritania", "X", "en")
@@ -33,15 +32,6 @@ def structure(model) -> dict:
         "training": model.training,
         "config": model.config.to_dict(),
     }
-
-
-@torch.no_grad()
-def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
-    batch = build_edit_batch(tokenizer, requests, "cpu")
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    rows = torch.arange(len(requests))[:, None]
-    hit = (logits[rows, batch.read_cols].argmax(-1) == batch.target_ids) | ~batch.target_mask
-    return hit.all(1).tolist()
 
 
 @pytest.mark.parametrize(("arch", "modules_per_layer"), [("llama", 2), ("qwen2", 2), ("gpt2", 1)])
