@@ -222,11 +222,14 @@ def weights_fingerprint(model, sample: int = 4096) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model, module: str, source: CorpusSource, n_tokens: int, dtype: str, max_length: int) -> dict:
+def cache_key(
+    model, module: str, source: CorpusSource, n_tokens: int, dtype: str, max_length: int, weights: str | None = None
+) -> dict:
+    """Everything a cached C depends on; ``weights`` is the model's ``weights_fingerprint`` when already known."""
     return {
         "format": FORMAT_VERSION,
         "model": str(getattr(model.config, "name_or_path", "")),
-        "weights": weights_fingerprint(model),
+        "weights": weights or weights_fingerprint(model),
         "module": module,
         "corpus": source.name,
         "corpus_sha256": source.sha256,
@@ -268,9 +271,10 @@ def key_statistics(
     sources = parse_corpus(corpus) if isinstance(corpus, str) else list(corpus)
     root = Path(cache_dir or stats_dir())
     result = {name: torch.zeros(()) for name in modules}
+    fingerprint = weights_fingerprint(model)  # once: it reads every parameter
     for source in sources:
         budget = max(1, round(source.weight * n_tokens))
-        keys = {name: cache_key(model, name, source, budget, dtype, max_length) for name in modules}
+        keys = {name: cache_key(model, name, source, budget, dtype, max_length, fingerprint) for name in modules}
         widths = {name: module_input_width(model.get_submodule(name)) for name in modules}
         found = {name: _load(_cache_path(root, keys[name]), keys[name], widths[name]) for name in modules}
         missing = [name for name in modules if found[name] is None]
