@@ -392,10 +392,9 @@ def _backend_class(name: str) -> type:
 def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_cls: type) -> tuple[dict, dict, dict]:
     """Split model_args into editor hyper-parameter overrides, ``xke_*`` task options and backend arguments."""
     hparam_names = set(hparam_fields(editor_cls.hparams_class))
-    if hasattr(backend_cls, "argument_names"):
-        backend_names = set(backend_cls.argument_names())
-    else:
-        backend_names = set(inspect.signature(HFLM.__init__).parameters) - {"self", "backend", "kwargs"}
+    hf_names = set(inspect.signature(HFLM.__init__).parameters) - {"self", "backend", "kwargs"}
+    engine_names = set(getattr(backend_cls, "engine_argument_names", frozenset)())  # `vllm`: EngineArgs fields
+    backend_names = hf_names | engine_names
     overrides, task_options, backend_kwargs, unknown = {}, {}, {}, []
     for key, value in kwargs.items():
         if key in TASK_FIXED_OPTIONS:
@@ -413,7 +412,8 @@ def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_
             f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
             f"xke arguments: editor, editor_config, edit_mode, edit_batch_size, backend, seed, xke_* task options; "
             f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
-            f"backend ({backend_cls.name}) arguments: {', '.join(sorted(backend_names))}"
+            f"backend ({backend_cls.name}) arguments: {', '.join(sorted(hf_names))}"
+            + (" and vLLM's EngineArgs fields" if engine_names else "")
         )
     if "pretrained" not in backend_kwargs:
         raise EditorError("--model xke needs pretrained=<model name, local folder or PreTrainedModel>")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_xke.backends.vllm import vllm_distribution
+from lm_eval_xke.backends.vllm_engine import vllm_distribution
 
 try:
     vllm_distribution()
@@ -51,7 +51,7 @@ def xke() -> Iterator[Callable]:
                 backends[key] = cls(**kwargs)
             return backends[key]
 
-        shared.argument_names = cls.argument_names
+        shared.engine_argument_names = cls.engine_argument_names
         shared.name = cls.name
         return shared
 

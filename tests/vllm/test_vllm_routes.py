@@ -10,6 +10,7 @@ from lm_eval.api.instance import Instance
 from vllm_cases import TINY_ROME, answer, assert_same_answers, requests
 
 from lm_eval_xke.backends import vllm as vllm_backend
+from lm_eval_xke.backends.vllm_engine import coerce_engine_value
 from lm_eval_xke.editors import (
     AppliedEdit,
     Editor,
@@ -177,5 +178,5 @@ def test_arguments_vllm_cannot_honour_are_refused(tiny_llama_dir, model_args, me
 
 
 def test_list_engine_arguments_are_written_with_bars():
-    assert vllm_backend._coerce_engine_value("lora_target_modules", "down_proj|up_proj") == ["down_proj", "up_proj"]
-    assert vllm_backend._coerce_engine_value("max_loras", 4) == 4
+    assert coerce_engine_value("lora_target_modules", "down_proj|up_proj") == ["down_proj", "up_proj"]
+    assert coerce_engine_value("max_loras", 4) == 4
