@@ -166,7 +166,7 @@ class VLLMBackend:
         if self._why_hf(edits):
             self._route("hf", on_hf, items, everything, results)
             return
-        llm = self._engine([edits])
+        llm = self._engine([])  # mirrored, not adapters: nothing to size LoRA for
         self._mirror({module_of(d.parameter) for d in _deltas(edits)})
         self._route("live", self._on_vllm(llm, prepare), items, everything, results)
 

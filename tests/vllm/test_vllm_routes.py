@@ -76,6 +76,34 @@ def test_without_the_reset_the_prefix_cache_would_answer_stale(backend, monkeypa
         assert backend.llm.reset_prefix_cache()
 
 
+@pytest.mark.parametrize(
+    "parameter, rank",
+    [
+        ("model.layers.1.mlp.down_proj.weight", 2),  # above the engine's max_lora_rank of 1
+        ("model.layers.1.self_attn.q_proj.weight", 1),  # not a LoRA target: q, k and v are reloaded as one qkv_proj
+    ],
+)
+def test_deltas_the_adapters_cannot_hold_are_answered_in_place(backend, parameter, rank):
+    rows, cols = backend.model.get_parameter(parameter).shape
+    generator = torch.Generator().manual_seed(rank)
+    b, a = torch.randn(rows, rank, generator=generator), torch.randn(rank, cols, generator=generator)
+    edit = apply_weight_deltas(backend.model, [WeightDelta(parameter, b, a)])
+    pairs = [("The capital city of Ruritania", " Berlin"), ("Water is made of", " hydrogen")]
+    expected = backend.hf.readout(pairs)
+    edit.restore()
+    unedited = backend.hf.readout(pairs)
+    assert [r.loglikelihood for r in expected] != pytest.approx([r.loglikelihood for r in unedited], abs=1e-2)
+    before = backend.answered["in_place"]
+    assert_same_readouts(backend.readout(pairs, [(edit,)] * len(pairs)), expected)
+    assert backend.answered["in_place"] - before == 2
+    assert_same_readouts(backend.readout(pairs), unedited)  # the originals are back in vLLM
+
+
+def assert_same_readouts(ours: list, reference: list) -> None:
+    assert [(r.answer, r.is_greedy) for r in ours] == [(r.answer, r.is_greedy) for r in reference]
+    assert [r.loglikelihood for r in ours] == pytest.approx([r.loglikelihood for r in reference], abs=1e-3)
+
+
 class HookEditor(Editor):
     """A memory editor in miniature: shifts one MLP's output through a forward hook, reports no deltas."""
 
