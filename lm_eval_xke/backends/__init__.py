@@ -1,1 +1,1 @@
-"""Answering backends for the `xke` model: `hf` (reference, always there) and, later, `vllm`."""
+"""Answering backends for the `xke` model: `hf` (lm-eval's HFLM, the reference) and `vllm` (the `[vllm]` extra)."""

@@ -271,7 +271,10 @@ class VLLMBackend:
             return f"vLLM does not implement {self.hf.model.config.architectures}"
         # AppliedEdit keeps its undo private; an undo without deltas or prompt transform changed something unnamed
         if not edit.deltas and edit.prompt_transform is None and edit._restore is not None:
-            return "the edit changed the model without weight deltas (a memory editor), which vLLM cannot replay"
+            return (
+                "the edit changed the model without reporting weight deltas (dense fine-tuning such as ft_l/ft_m, "
+                "or a memory editor), which vLLM cannot replay"
+            )
         for delta in edit.deltas:
             module = module_of(delta.parameter)
             if type(self.hf.model.get_submodule(module)).__name__ not in LINEAR_TYPES or module.endswith("lm_head"):
