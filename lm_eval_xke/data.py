@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +32,9 @@ DOWNLOAD_TIMEOUT_S = 20.0
 SKIP_HINT = (
     "Fix the record, or pass xke_skip_invalid=true to skip invalid records (the count is reported in the results)."
 )
+#: Longest accepted text field: 12x the longest of Bi-ZsRE and MLaKE (319 characters). A longer one is a corrupt
+#: record, which the model would otherwise truncate silently to its context, or run out of memory on.
+MAX_FIELD_CHARS = 4000
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -261,7 +264,17 @@ def _string_problem(value: Any, name: str) -> str | None:
         return f"field {name!r} must be a string, got {_type_name(value)}"
     if not value.strip():
         return f"field {name!r} is empty"
+    if len(value) > MAX_FIELD_CHARS:
+        return f"field {name!r} is {len(value):,} characters long; a question or answer may have {MAX_FIELD_CHARS:,}"
     return None
+
+
+def _string_list_problem(value: Any, name: str) -> str | None:
+    """Why ``value`` is not a list of usable strings (possibly empty), or None if it is."""
+    if not isinstance(value, list):
+        return f"field {name!r} must be a list of strings, got {_type_name(value)}"
+    problems = (_string_problem(item, f"{name}[{i}]") for i, item in enumerate(value))
+    return next((p for p in problems if p), None)
 
 
 def _block_problems(index: int, lang: str, block: Any) -> list[RecordProblem]:
@@ -342,16 +355,45 @@ def load_bizsre(path: str | os.PathLike | None = None, skip_invalid: bool = Fals
     """Load and validate ``bizsre_test.json`` (``path`` as for ``locate``); invalid records raise or are skipped."""
     file = locate(BIZSRE_TEST, path)
     raw = file.read_bytes()
-    data = parse_json(raw, file)
+    shape = 'Bi-ZsRE records {"en": ..., "zh": ...}'
+    records, skipped = validated_records(file, parse_json(raw, file), shape, bizsre_record_problems, skip_invalid)
+    return BizsreData(records=records, skipped=skipped, sha256=hashlib.sha256(raw).hexdigest(), path=file)
+
+
+def flag_option(options: Mapping[str, Any], name: str) -> bool:
+    """A true/false task option such as ``xke_skip_invalid`` (lm-eval turns ``true`` model_args into bools, but YAML
+    metadata and Python callers may pass strings); anything else is an error rather than a silent false."""
+    value = options.get(name, False)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def validated_records(
+    file: Path,
+    data: Any,
+    shape: str,
+    problems_of: Callable[[int, Any], list[RecordProblem]],
+    skip_invalid: bool,
+) -> tuple[list[tuple[int, dict]], list[RecordProblem]]:
+    """The valid records of a file's parsed JSON list as (index, record), and the first problem of each skipped one.
+
+    An invalid record raises ``RecordError`` (naming file, record, language and field) unless ``skip_invalid``; a
+    file that is not a list, or has no valid record, always raises.
+    """
     if not isinstance(data, list):
         raise RecordError(
-            f'{file} must hold a JSON list of Bi-ZsRE records {{"en": ..., "zh": ...}}, '
-            f"got {_type_name(data)}. Check that this is the Bi-ZsRE test file."
+            f"{file} must hold a JSON list of {shape}, got {_type_name(data)}. Check that this is the right file."
         )
     records: list[tuple[int, dict]] = []
     skipped: list[RecordProblem] = []
     for index, item in enumerate(data):
-        problems = bizsre_record_problems(index, item)
+        problems = problems_of(index, item)
         if not problems:
             records.append((index, item))
         elif skip_invalid:
@@ -359,8 +401,8 @@ def load_bizsre(path: str | os.PathLike | None = None, skip_invalid: bool = Fals
         else:
             raise _record_error(file.name, problems)
     if not records:
-        raise RecordError(f"{file} holds no valid Bi-ZsRE records ({len(skipped)} invalid, {len(data)} in all).")
-    return BizsreData(records=records, skipped=skipped, sha256=hashlib.sha256(raw).hexdigest(), path=file)
+        raise RecordError(f"{file} holds no valid {shape} ({len(skipped)} invalid, {len(data)} in all).")
+    return records, skipped
 
 
 def _record_error(file_name: str, problems: list[RecordProblem]) -> RecordError:
@@ -433,6 +475,11 @@ class MlakeData:
     sha256: str
     path: Path
 
+    @property
+    def size(self) -> int:
+        """Records in the file, valid or not."""
+        return len(self.records) + len(self.skipped)
+
 
 def mlake_record_problems(index: int, item: Any, kind: str, lang: str) -> list[RecordProblem]:
     """Every problem of one MLaKE record of ``kind``; empty if it is valid."""
@@ -440,14 +487,11 @@ def mlake_record_problems(index: int, item: Any, kind: str, lang: str) -> list[R
         return [RecordProblem(index, lang, None, f"expected an object, got {_type_name(item)}")]
     strings, lists = MLAKE_FIELDS[kind]
     found: list[RecordProblem] = []
-    for name in strings:
-        problem = f"field {name!r} is missing" if name not in item else _string_problem(item[name], name)
-        if problem:
-            found.append(RecordProblem(index, lang, name, problem))
-    for name in lists:
-        value = item.get(name)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            found.append(RecordProblem(index, lang, name, f"field {name!r} must be a list of strings"))
+    for names, problem_of in ((strings, _string_problem), (lists, _string_list_problem)):
+        for name in names:
+            problem = f"field {name!r} is missing" if name not in item else problem_of(item[name], name)
+            if problem:
+                found.append(RecordProblem(index, lang, name, problem))
     if kind == "single_mcqa" and not found:
         if len(item["options"]) != len(MCQA_LETTERS):
             found.append(RecordProblem(index, lang, "options", f"expected 4 options, got {len(item['options'])}"))
@@ -462,17 +506,9 @@ def load_mlake(kind: str, lang: str, path: str | os.PathLike | None = None, skip
     spec = mlake_file(kind, lang)
     file = locate(spec, path)
     raw = file.read_bytes()
-    data = parse_json(raw, file)
-    if not isinstance(data, list):
-        raise RecordError(f"{file} must hold a JSON list of MLaKE records, got {_type_name(data)}.")
-    records: list[tuple[int, dict]] = []
-    skipped: list[RecordProblem] = []
-    for index, item in enumerate(data):
-        problems = mlake_record_problems(index, item, kind, lang)
-        if not problems:
-            records.append((index, item))
-        elif skip_invalid:
-            skipped.append(problems[0])
-        else:
-            raise _record_error(file.name, problems)
+
+    def problems_of(index: int, item: Any) -> list[RecordProblem]:
+        return mlake_record_problems(index, item, kind, lang)
+
+    records, skipped = validated_records(file, parse_json(raw, file), "MLaKE records", problems_of, skip_invalid)
     return MlakeData(records=records, skipped=skipped, sha256=hashlib.sha256(raw).hexdigest(), path=file)
