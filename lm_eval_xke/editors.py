@@ -109,6 +109,10 @@ class HyperParams:
         return dataclasses.asdict(self)
 
 
+#: One case's edit, computed but not applied: calling it applies the edit and returns its handle.
+EditPlan = Callable[[], AppliedEdit]
+
+
 class Editor(ABC):
     """A knowledge-editing method.
 
@@ -124,9 +128,24 @@ class Editor(ABC):
     #: Why batch editing is not possible, shown to users who ask for it.
     batch_unsupported_reason: ClassVar[str] = "the method edits one fact at a time"
 
+    #: Whether ``plan_parallel`` computes several cases' single-mode edits at once (the ``edit_parallel`` model_arg).
+    supports_parallel: ClassVar[bool] = False
+
     @abstractmethod
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Edit ``model`` so that it states every request; return the handle that undoes it."""
+
+    def plan_parallel(
+        self, model, tokenizer, cases: Sequence[Sequence[EditRequest]], hparams: HyperParams
+    ) -> list[EditPlan]:
+        """Compute the edits of several cases against the unedited model, without applying any: one plan per case.
+
+        Calling a case's plan applies what ``apply(model, tokenizer, case, hparams)`` would apply to the unedited
+        model and returns its handle; the caller restores it before calling the next plan. Editors whose
+        single-mode edits are independent of each other set ``supports_parallel`` and share the work between the
+        cases here (e.g. one batched optimisation for all of them).
+        """
+        raise EditorError(f"editor '{self.name}' cannot plan edits in parallel; editors that can: {parallel_editors()}")
 
     def resolve_hparams(
         self, model_type: str, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None
@@ -250,6 +269,11 @@ def register_editor(name: str, cls: type[Editor]) -> None:
 
 def available_editors() -> list[str]:
     return sorted(set(_entry_points()) | set(_runtime_editors))
+
+
+def parallel_editors() -> str:
+    """The registered editors that support ``edit_parallel``, comma-separated (loads every editor class)."""
+    return ", ".join(name for name in available_editors() if get_editor(name).supports_parallel) or "none"
 
 
 def get_editor(name: str) -> type[Editor]:

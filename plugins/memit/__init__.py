@@ -1,11 +1,14 @@
 """MEMIT, Mass-Editing Memory in a Transformer (Meng et al. 2023, arXiv 2210.07229): many facts, several layers.
 
-The math lives in ``compute.py``; value vectors come from ROME's ``compute_v`` at the last edited layer, and the key
-second moments from the shared statistics engine (``lm_eval_xke.stats``).
+The math lives in ``compute.py``; value vectors come from ROME's value optimisation at the last edited layer
+(``compute_values``: ``v_batch_size`` requests per batched pass), and the key second moments from the shared
+statistics engine (``lm_eval_xke.stats``).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
 from collections.abc import Sequence
 from weakref import WeakKeyDictionary
@@ -13,9 +16,9 @@ from weakref import WeakKeyDictionary
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import AppliedEdit, EditorError, HyperParams, apply_weight_deltas
-from lm_eval_xke.plugins.rome import RomeEditor, merge_deltas, restore_all
-from lm_eval_xke.plugins.rome.compute import _device, compute_v, context_templates
+from lm_eval_xke.editors import AppliedEdit, EditorError, EditPlan, HyperParams, apply_weight_deltas
+from lm_eval_xke.plugins.rome import RomeEditor, evaluating, merge_deltas, restore_all
+from lm_eval_xke.plugins.rome.compute import ValueSolution, _device, compute_values
 from lm_eval_xke.plugins.rome.config import FACT_TOKENS
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 
@@ -37,38 +40,66 @@ class MemitEditor(RomeEditor):
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         hp = self.check_hparams(model, hparams)
-        was_training = model.training
-        model.eval()  # no dropout while keys and values are measured
+        with evaluating(model):
+            templates = self.context_templates(model, tokenizer, hp)
+            started = time.perf_counter()
+            last = model.get_submodule(hp.module_names()[-1])
+            solutions = compute_values(model, tokenizer, last, requests, templates, hp)
+        return self.spread(model, tokenizer, requests, solutions, templates, hp, time.perf_counter() - started)
+
+    def plan_parallel(
+        self, model, tokenizer, cases: Sequence[Sequence[EditRequest]], hparams: HyperParams
+    ) -> list[EditPlan]:
+        """The values of every case's requests in one batched optimisation (MEMIT computes each case's values on
+        the unedited model anyway); a plan spreads its case's values over the layers when applied."""
+        hp = self.check_hparams(model, hparams)
+        flat = [request for case in cases for request in case]
+        with evaluating(model):
+            templates = self.context_templates(model, tokenizer, hp)
+            started = time.perf_counter()
+            last = model.get_submodule(hp.module_names()[-1])
+            solutions = compute_values(model, tokenizer, last, flat, templates, hp)
+        share = (time.perf_counter() - started) / max(1, len(cases))  # each case's share of the batched work
+        bounds = [0, *itertools.accumulate(len(case) for case in cases)]
+        return [
+            functools.partial(self.spread, model, tokenizer, case, solutions[a:b], templates, hp, share)
+            for case, a, b in zip(cases, bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    def spread(
+        self,
+        model,
+        tokenizer,
+        requests: Sequence[EditRequest],
+        solutions: Sequence[ValueSolution],
+        templates: Sequence[str],
+        hp: MemitHyperParams,
+        value_seconds: float,
+    ) -> AppliedEdit:
+        """Write the requests' values (``solutions``, from the unedited model) over the edited layers, first to last."""
         applied: list[AppliedEdit] = []
         try:
-            templates = context_templates(
-                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
-            )
-            mom2 = self.second_moments(model, tokenizer, hp)
-            block = model.get_submodule(hp.layer_module_template.format(hp.layers[-1]))
-            last = model.get_submodule(hp.module_names()[-1])
-            started = time.perf_counter()
-            solutions = [compute_v(model, tokenizer, last, request, templates, hp) for request in requests]
-            value_seconds = time.perf_counter() - started
-            # z: the residual the last layer must reach; its current value plus the optimised change
-            wanted = torch.stack([s.v_star - s.out_plain for s in solutions])
-            z = residual_at_fact(model, tokenizer, block, requests, hp.fact_token) + wanted.to(_device(model))
-            layers = []
-            for i, name in enumerate(hp.module_names()):
-                module = model.get_submodule(name)
-                keys = compute_ks(model, tokenizer, module, requests, templates, hp.fact_token)
-                targets = z - residual_at_fact(model, tokenizer, block, requests, hp.fact_token)
-                residual = spread_residual(targets, len(hp.layers) - i)
-                key_side = self.key_side(model, name, keys, mom2[name], hp)
-                applied.append(apply_weight_deltas(model, [layer_delta(f"{name}.weight", module, residual, key_side)]))
-                layers.append({"module": name, "target_norm": targets.norm(dim=1).mean().item()})
-            remaining = z - residual_at_fact(model, tokenizer, block, requests, hp.fact_token)
-            applied.append(self.remember(model, tokenizer, requests, templates, hp))
+            with evaluating(model):
+                mom2 = self.second_moments(model, tokenizer, hp)
+                block = model.get_submodule(hp.layer_module_template.format(hp.layers[-1]))
+                # z: the residual the last layer must reach; its current value plus the optimised change
+                wanted = torch.stack([s.v_star - s.out_plain for s in solutions])
+                z = residual_at_fact(model, tokenizer, block, requests, hp.fact_token) + wanted.to(_device(model))
+                layers = []
+                for i, name in enumerate(hp.module_names()):
+                    module = model.get_submodule(name)
+                    keys = compute_ks(model, tokenizer, module, requests, templates, hp.fact_token)
+                    targets = z - residual_at_fact(model, tokenizer, block, requests, hp.fact_token)
+                    residual = spread_residual(targets, len(hp.layers) - i)
+                    key_side = self.key_side(model, name, keys, mom2[name], hp)
+                    delta = layer_delta(f"{name}.weight", module, residual, key_side)
+                    applied.append(apply_weight_deltas(model, [delta]))
+                    layers.append({"module": name, "target_norm": targets.norm(dim=1).mean().item()})
+                remaining = z - residual_at_fact(model, tokenizer, block, requests, hp.fact_token)
+                applied.append(self.remember(model, tokenizer, requests, templates, hp))
         except BaseException:
             restore_all(applied)
             raise
-        finally:
-            model.train(was_training)
         info = {
             "method": self.name,
             "layers": layers,

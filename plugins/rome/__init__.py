@@ -6,8 +6,9 @@ checks the hyper-parameters, caches per-model work and applies the requests one 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
@@ -17,6 +18,7 @@ from lm_eval_xke.editors import (
     AppliedEdit,
     Editor,
     EditorError,
+    EditPlan,
     HyperParams,
     WeightDelta,
     apply_weight_deltas,
@@ -25,14 +27,17 @@ from lm_eval_xke.editors import (
 from lm_eval_xke.stats import CorpusError, key_statistics, parse_corpus
 
 from .compute import (
+    ValueSolution,
     compute_right,
     compute_u,
     compute_v,
+    compute_values,
     context_templates,
+    generate_context_templates,
     inverse_second_moment,
     rank_one_delta,
 )
-from .config import FACT_TOKENS, FAMILY_DEFAULTS, RomeHyperParams
+from .config import FACT_TOKENS, FAMILY_DEFAULTS, RomeHyperParams, ValueHyperParams
 
 
 class RomeEditor(Editor):
@@ -43,6 +48,7 @@ class RomeEditor(Editor):
     family_defaults = FAMILY_DEFAULTS
     supports_batch = False
     batch_unsupported_reason = "ROME writes one fact per rank-one update; use MEMIT to write many facts at once"
+    supports_parallel = True
 
     def __init__(self) -> None:
         # per-model caches, weakly keyed so that a dropped model frees its entries
@@ -52,47 +58,80 @@ class RomeEditor(Editor):
         """Edit the requests in order, each on the model as edited so far; one handle restores them all."""
         hp = self.check_hparams(model, hparams)
         module = model.get_submodule(hp.module_name)
-        was_training = model.training
-        model.eval()  # no dropout while keys and values are measured
-        applied: list[AppliedEdit] = []
-        records: list[dict] = []
+        written: list[tuple[AppliedEdit, dict]] = []
         try:
-            templates = context_templates(
-                model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
-            )
-            inv_mom2 = self.inverse_mom2(model, tokenizer, hp) if hp.mom2_adjustment else None
-            for request in requests:
-                start = time.perf_counter()
-                # compute_v's reference pass also yields the key (compute_k's average), saving a forward pass
-                solution = compute_v(model, tokenizer, module, request, templates, hp)
-                u = compute_u(solution.k, inv_mom2)
-                right = compute_right(u, solution)
-                delta = rank_one_delta(f"{hp.module_name}.weight", module, u, right)
-                applied.append(apply_weight_deltas(model, [delta]))
-                records.append(
-                    {
-                        "subject": request.subject,
-                        "target_new": request.target_new,
-                        "nll": solution.nll,
-                        "plain_right": solution.plain_right,
-                        "steps": solution.steps,
-                        "v_init_norm": solution.v_init_norm,
-                        "delta_norm": solution.delta_norm,
-                        "update_norm": float(right.norm() * u.norm()),  # ||right ⊗ u||_F
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
+            with evaluating(model):
+                templates = self.context_templates(model, tokenizer, hp)
+                inv_mom2 = self.inverse_mom2(model, tokenizer, hp) if hp.mom2_adjustment else None
+                for request in requests:
+                    started = time.perf_counter()
+                    # compute_v's reference pass also yields the key (compute_k's average), saving a forward pass
+                    solution = compute_v(model, tokenizer, module, request, templates, hp)
+                    written.append(self.write(model, module, request, solution, inv_mom2, hp, started))
         except BaseException:
-            restore_all(applied)
+            restore_all([edit for edit, _ in written])
             raise
-        finally:
-            model.train(was_training)
-        info = {"method": self.name, "module": hp.module_name, "requests": records}
+        return self.handle(hp, written)
+
+    def plan_parallel(
+        self, model, tokenizer, cases: Sequence[Sequence[EditRequest]], hparams: HyperParams
+    ) -> list[EditPlan]:
+        """One batched value optimisation for every single-request case; a case of several requests (each written
+        on the model as edited by the ones before) is computed when its plan is applied."""
+        hp = self.check_hparams(model, hparams)
+        module = model.get_submodule(hp.module_name)
+        single = [i for i, case in enumerate(cases) if len(case) == 1]
+        started = time.perf_counter()
+        with evaluating(model):
+            templates = self.context_templates(model, tokenizer, hp)
+            inv_mom2 = self.inverse_mom2(model, tokenizer, hp) if hp.mom2_adjustment else None
+            solutions = compute_values(model, tokenizer, module, [cases[i][0] for i in single], templates, hp)
+        share = (time.perf_counter() - started) / max(1, len(single))  # each case's share of the batched work
+        planned = dict(zip(single, solutions, strict=True))
+
+        def plan(i: int) -> EditPlan:
+            if i not in planned:
+                return lambda: self.apply(model, tokenizer, cases[i], hp)
+            return lambda: self.handle(
+                hp, [self.write(model, module, cases[i][0], planned[i], inv_mom2, hp, time.perf_counter() - share)]
+            )
+
+        return [plan(i) for i in range(len(cases))]
+
+    def write(
+        self, model, module, request: EditRequest, solution: ValueSolution, inv_mom2, hp: RomeHyperParams, started
+    ) -> tuple[AppliedEdit, dict]:
+        """Apply the rank-one update that writes ``solution``; its handle and its record (``started``: the clock
+        reading when the request's work began)."""
+        u = compute_u(solution.k, inv_mom2)
+        right = compute_right(u, solution)
+        edit = apply_weight_deltas(model, [rank_one_delta(f"{hp.module_name}.weight", module, u, right)])
+        record = {
+            "subject": request.subject,
+            "target_new": request.target_new,
+            "nll": solution.nll,
+            "plain_right": solution.plain_right,
+            "steps": solution.steps,
+            "v_init_norm": solution.v_init_norm,
+            "delta_norm": solution.delta_norm,
+            "update_norm": float(right.norm() * u.norm()),  # ||right ⊗ u||_F
+            "seconds": time.perf_counter() - started,
+        }
+        return edit, record
+
+    def handle(self, hp: RomeHyperParams, written: Sequence[tuple[AppliedEdit, dict]]) -> AppliedEdit:
+        """One handle for the written requests: restores them all, exposes their deltas merged per weight."""
+        applied = [edit for edit, _ in written]
         return AppliedEdit(
             restore=lambda: restore_all(applied),
             deltas=merge_deltas([d for a in applied for d in a.deltas]),
-            info=info,
+            info={"method": self.name, "module": hp.module_name, "requests": [record for _, record in written]},
         )
+
+    def context_templates(self, model, tokenizer, hp: ValueHyperParams) -> list[str]:
+        """The context prefixes: sampled once per model, or per call with ``reuse_context_templates=false``."""
+        sample = context_templates if hp.reuse_context_templates else generate_context_templates
+        return sample(model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed)
 
     def check_hparams(self, model, hparams: HyperParams) -> RomeHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
@@ -129,6 +168,17 @@ def merge_deltas(deltas: Sequence[WeightDelta]) -> list[WeightDelta]:
         WeightDelta(parameter=name, b=torch.cat([d.b for d in group], dim=1), a=torch.cat([d.a for d in group], dim=0))
         for name, group in grouped.items()
     ]
+
+
+@contextlib.contextmanager
+def evaluating(model) -> Iterator[None]:
+    """Eval mode (no dropout while keys and values are measured), the model's own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def restore_all(applied: Sequence[AppliedEdit]) -> None:

@@ -8,6 +8,7 @@ target (``compute_v``) and writes it with the rank-one update ``dW = right ⊗ u
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -272,37 +273,44 @@ def build_value_batch(tokenizer, request: EditRequest, templates: Sequence[str],
 
 
 #: ``delta -> log-probs [n_reads, vocab]`` of a value batch with ``delta`` added at the fact tokens (None: nothing).
+#: ``delta`` is one vector for every row or one per row (``[rows, d_out]``).
 LogProbs = Callable[[torch.Tensor | None], torch.Tensor]
 
 
-def _kept_columns(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct sequence positions to project onto the vocabulary, and each read's column among them.
+@contextlib.contextmanager
+def project_reads(model, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Let the output embedding project only the hidden states the loss reads: logits ``[1, n_reads, vocab]``.
 
-    Logits only where a loss term reads them: projecting every position onto the vocabulary is a large share
-    of the cost (a fifth of SmolLM2's FLOPs) and of the memory.
+    Projecting every position onto the vocabulary is a large share of the cost (a fifth of SmolLM2's FLOPs) and of
+    the memory; a stack of many edits' rows reads a handful of positions per row, each row at its own columns.
     """
-    keep, column = torch.unique(cols, sorted=True, return_inverse=True)
-    return keep, column
+
+    def hook(_module, args):
+        return (args[0][rows, cols][None], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _with_delta(module, positions: Sequence[int], delta: torch.Tensor | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if delta is None else add_to_output(module, positions, delta)
 
 
-def _read(logits: torch.Tensor, batch: ValueBatch, column: torch.Tensor) -> torch.Tensor:
-    """Float32 log-probs at the batch's reads, ``[n_reads, vocab]`` (``column``: each read's kept column)."""
-    return logits[batch.read_rows, column].float().log_softmax(-1)
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probs of the reads, ``[n_reads, vocab]``, from ``project_reads``'s logits."""
+    return logits[0].float().log_softmax(-1)
 
 
 def full_forward(model, module, batch: ValueBatch, pad_id: int) -> LogProbs:
     """Every row from its first token, right-padded: the reference path."""
     input_ids, mask = pad_right(batch.rows, pad_id, _device(model))
-    keep, column = _kept_columns(batch.read_cols)
 
     def run(delta: torch.Tensor | None) -> torch.Tensor:
-        with _with_delta(module, batch.positions, delta):
-            logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
-        return _read(logits, batch, column)
+        with _with_delta(module, batch.positions, delta), project_reads(model, batch.read_rows, batch.read_cols):
+            return _log_probs(model(input_ids=input_ids, attention_mask=mask).logits)
 
     return run
 
@@ -316,19 +324,26 @@ class Reference:
     values: torch.Tensor  # module output there, float32 [rows, d_out]
     prefix: list[tuple] | None  # KV cache of the tokens before the fact tokens (``prefix_cache``)
 
+    def select(self, rows: torch.Tensor, reads: torch.Tensor, width: int) -> Reference:
+        """The reference of a sub-batch: those rows and reads, the prefixes cut to the sub-batch's ``width``."""
+        prefix = None
+        if self.prefix is not None and width > 0:
+            # prefixes end at one common column, so a narrower sub-batch keeps the last `width` slots
+            prefix = [(e[0][rows, :, -width:], e[1][rows, :, -width:], *e[2:]) for e in self.prefix]
+        return Reference(self.log_probs[reads], self.keys[rows], self.values[rows], prefix)
+
 
 @torch.no_grad()
 def reference_pass(model, module, batch: ValueBatch, pad_id: int) -> Reference:
     """``full_forward`` at delta = 0, also recording the keys, the values and the prefixes' KV cache."""
     input_ids, mask = pad_right(batch.rows, pad_id, _device(model))
-    keep, column = _kept_columns(batch.read_cols)
-    with trace_module(module) as record:
-        out = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep, use_cache=True)
+    with trace_module(module) as record, project_reads(model, batch.read_rows, batch.read_cols):
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
     rows = torch.arange(len(batch.rows), device=input_ids.device)
     positions = torch.tensor(batch.positions, device=input_ids.device)
     width = max(batch.positions)
     return Reference(
-        log_probs=_read(out.logits, batch, column),
+        log_probs=_log_probs(out.logits),
         keys=record["input"][rows, positions].float(),
         values=record["output"][rows, positions].float(),
         prefix=prefix_cache(out.past_key_values, batch.positions, input_ids.shape[1]) if width else None,
@@ -376,23 +391,22 @@ def cached_forward(model, module, batch: ValueBatch, pad_id: int, prefix: list[t
     width = max(batch.positions)
     prefix_mask = (torch.arange(width, device=device) >= width - split[:, None]).long()
     mask = torch.cat([prefix_mask, suffix_mask], dim=1)
-    keep, column = _kept_columns(batch.read_cols - split[batch.read_rows])
+    read_cols = batch.read_cols - split[batch.read_rows]
     fact_columns = [0] * len(batch.rows)  # the fact token opens every suffix
 
     def run(delta: torch.Tensor | None) -> torch.Tensor:
         # a fresh cache per call: the forward appends the suffixes' keys and values to it, while the prefix
         # tensors themselves are never written to
         cache = DynamicCache(prefix) if prefix is not None else None
-        with _with_delta(module, fact_columns, delta):
+        with _with_delta(module, fact_columns, delta), project_reads(model, batch.read_rows, read_cols):
             logits = model(
                 input_ids=suffix_ids,
                 attention_mask=mask,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=cache is not None,
-                logits_to_keep=keep,
             ).logits
-        return _read(logits, batch, column)
+        return _log_probs(logits)
 
     return run
 
@@ -404,8 +418,14 @@ def paths_agree(cached: torch.Tensor, reference: torch.Tensor, dtype: torch.dtyp
 
 
 def weight_decay(delta: torch.Tensor, v_init: torch.Tensor) -> torch.Tensor:
-    """``||delta|| / ||v_init||^2``, the regulariser of the original ROME code (not squared)."""
-    return delta.norm() / v_init.norm() ** 2
+    """``||delta|| / ||v_init||^2`` (per row of ``[edits, d]``), the regulariser of the original ROME code."""
+    return delta.norm(dim=-1) / v_init.norm(dim=-1) ** 2
+
+
+def clamp_rows(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale every row of ``delta`` whose norm exceeds its ``max_norm`` back onto that ball (in place)."""
+    norms = delta.norm(dim=-1, keepdim=True)
+    delta.mul_(torch.where(norms > max_norm[:, None], max_norm[:, None] / norms, 1.0))
 
 
 def converged(nll: float, plain_right: bool, hp: ValueHyperParams) -> bool:
@@ -446,61 +466,209 @@ def self_checked(
     return full, full(delta)
 
 
+@dataclass
+class EditStack:
+    """Several edits' value batches as one batch (rows never attend across edits), and where each edit lies in it.
+
+    Each part is ``build_value_batch``'s layout: its target reads, then its KL read.
+    """
+
+    batch: ValueBatch
+    edits: list[int]  # the stacked edits (indices into the parts)
+    row_edit: torch.Tensor  # per row: its edit's position in ``edits``
+    plain_rows: torch.Tensor  # per edit: its plain prompt's row (its first)
+    kl_reads: torch.Tensor  # per edit: its KL read
+    target_reads: torch.Tensor  # the reads of target tokens, in the order of ``batch.t_ids``
+    target_edit: torch.Tensor  # per target read: its edit's position in ``edits``
+    target_plain: torch.Tensor  # per target read: whether the plain prompt's row makes it
+    rows: torch.Tensor  # the rows' indices in the stack of every part (``Reference.select``)
+    reads: torch.Tensor  # the reads' indices there
+
+
+def stack_edits(parts: Sequence[ValueBatch], edits: Sequence[int], device) -> EditStack:
+    """Stack ``parts[e]`` for ``e`` in ``edits``, keeping each part's rows and reads together and in order."""
+    row_starts = [0, *itertools.accumulate(len(p.rows) for p in parts)]
+    read_starts = [0, *itertools.accumulate(len(p.read_rows) for p in parts)]
+    rows, reads, row_edit, plain_rows, kl_reads, target_reads, target_edit = [], [], [], [], [], [], []
+    for i, e in enumerate(edits):
+        part, row_offset, read_offset = parts[e], len(rows), len(reads)
+        n_targets = len(part.t_ids)
+        plain_rows.append(row_offset)
+        kl_reads.append(read_offset + n_targets)
+        target_reads.extend(range(read_offset, read_offset + n_targets))
+        target_edit.extend([i] * n_targets)
+        row_edit.extend([i] * len(part.rows))
+        rows.extend(range(row_starts[e], row_starts[e + 1]))
+        reads.extend(range(read_starts[e], read_starts[e + 1]))
+    chosen = [parts[e] for e in edits]
+    row_offsets = [0, *itertools.accumulate(len(p.rows) for p in chosen)][:-1]
+    batch = ValueBatch(
+        rows=[row for p in chosen for row in p.rows],
+        positions=[q for p in chosen for q in p.positions],
+        read_rows=torch.cat([p.read_rows + o for p, o in zip(chosen, row_offsets, strict=True)]),
+        read_cols=torch.cat([p.read_cols for p in chosen]),
+        t_ids=torch.cat([p.t_ids for p in chosen]),
+        t_weight=torch.cat([p.t_weight for p in chosen]),
+    )
+    return EditStack(
+        batch=batch,
+        edits=list(edits),
+        row_edit=torch.tensor(row_edit, device=device),
+        plain_rows=torch.tensor(plain_rows, device=device),
+        kl_reads=torch.tensor(kl_reads, device=device),
+        target_reads=torch.tensor(target_reads, device=device),
+        target_edit=torch.tensor(target_edit, device=device),
+        target_plain=torch.cat([p.read_rows[: len(p.t_ids)] == 0 for p in chosen]),
+        rows=torch.tensor(rows, device=device),
+        reads=torch.tensor(reads, device=device),
+    )
+
+
+@dataclass
+class EditLosses:
+    """Per stacked edit: the loss to minimise and what the early stop looks at."""
+
+    loss: torch.Tensor  # nll + kl_factor * KL + v_weight_decay * weight decay, [edits]
+    nll: list[float]
+    plain_right: list[bool]
+
+
+def edit_losses(
+    log_probs: torch.Tensor, stack: EditStack, reference: Reference, delta: torch.Tensor, hp: ValueHyperParams
+) -> EditLosses:
+    """Each edit's loss from the stack's log-probs (``delta``: the stacked edits' rows, ``[edits, d_out]``)."""
+    batch, n_edits = stack.batch, len(stack.edits)
+    target_log_probs = log_probs[stack.target_reads]
+    token_nll = -target_log_probs.gather(1, batch.t_ids[:, None])[:, 0] * batch.t_weight
+    nll = torch.zeros(n_edits, device=log_probs.device).index_add(0, stack.target_edit, token_nll)
+    # the paper's D_KL(P_edited || P_original) on "{subject} is a"
+    kl = F.kl_div(
+        reference.log_probs[stack.kl_reads], log_probs[stack.kl_reads], log_target=True, reduction="none"
+    ).sum(-1)
+    v_init = reference.values[stack.plain_rows]
+    loss = nll + hp.kl_factor * kl + hp.v_weight_decay * weight_decay(delta, v_init)
+    wrong = (target_log_probs.argmax(-1) != batch.t_ids) & stack.target_plain
+    wrong_per_edit = torch.zeros(n_edits, device=log_probs.device).index_add(0, stack.target_edit, wrong.float())
+    return EditLosses(loss, nll.tolist(), (wrong_per_edit == 0).tolist())
+
+
+class StackedForward:
+    """The log-probs of any subset of the edits, on the KV-cached path unless it failed its first-step check."""
+
+    def __init__(self, model, module, parts: Sequence[ValueBatch], pad_id: int, use_cache: bool) -> None:
+        self.model, self.module, self.parts, self.pad_id = model, module, parts, pad_id
+        self.device = _device(model)
+        self.full = stack_edits(parts, range(len(parts)), self.device)
+        self.reference = reference_pass(model, module, self.full.batch, pad_id)
+        self.use_cache = use_cache
+
+    def first(self, delta: torch.Tensor) -> torch.Tensor:
+        """All edits at the first step (delta = 0): the cached path is checked against the reference pass here."""
+        batch, rows = self.full.batch, delta[self.full.row_edit]
+        if not self.use_cache:
+            return full_forward(self.model, self.module, batch, self.pad_id)(rows)
+        cached = value_forward(self.model, self.module, batch, self.pad_id, self.reference)
+        forward, log_probs = self_checked(self.model, self.module, batch, self.pad_id, self.reference, cached, rows)
+        self.use_cache = forward is cached and not (self.reference.prefix is None and max(batch.positions) > 0)
+        return log_probs
+
+    def subset(self, edits: Sequence[int]) -> tuple[EditStack, Reference, LogProbs]:
+        """The stack of ``edits`` (still optimised), its reference, and its forward (``delta`` per row)."""
+        stack = stack_edits(self.parts, edits, self.device)
+        reference = self.reference.select(stack.rows, stack.reads, max(stack.batch.positions))
+        if self.use_cache:
+            forward = cached_forward(self.model, self.module, stack.batch, self.pad_id, reference.prefix)
+        else:
+            forward = full_forward(self.model, self.module, stack.batch, self.pad_id)
+        return stack, reference, forward
+
+
+def compute_values(
+    model, tokenizer, module, requests: Sequence[EditRequest], templates: Sequence[str], hp: ValueHyperParams
+) -> list[ValueSolution]:
+    """``compute_v`` of every request against the same (unedited) model, ``v_batch_size`` requests per batch."""
+    size = max(1, hp.v_batch_size)
+    return [
+        solution
+        for start in range(0, len(requests), size)
+        for solution in optimise_values(model, tokenizer, module, requests[start : start + size], templates, hp)
+    ]
+
+
 def compute_v(
     model, tokenizer, module, request: EditRequest, templates: Sequence[str], hp: ValueHyperParams
 ) -> ValueSolution:
-    """Optimise ``delta`` added to the module output at the fact token so that the model states the target.
+    """The value of one request: ``optimise_values`` with a single edit."""
+    (solution,) = optimise_values(model, tokenizer, module, [request], templates, hp)
+    return solution
 
-    Loss = mean target NLL over the rewriting prompts ``template.format(prompt) + target[:-1]``
+
+def optimise_values(
+    model, tokenizer, module, requests: Sequence[EditRequest], templates: Sequence[str], hp: ValueHyperParams
+) -> list[ValueSolution]:
+    """Optimise, per request, ``delta`` added to the module output at the fact token so that the model states its
+    target; the requests share each forward and backward pass but not their results.
+
+    Loss per request = mean target NLL over the rewriting prompts ``template.format(prompt) + target[:-1]``
     + ``kl_factor`` * KL(edited || original) of the next token after ``"{subject} is a"``
     + ``v_weight_decay`` * ``||delta|| / ||v_init||^2``. ``templates[0]`` must be the plain ``"{}"``.
-    Only each row's suffix (fact token onward) is recomputed per step (``cached_forward``).
+    Only each row's suffix (fact token onward) is recomputed per step (``cached_forward``). Each request has its
+    own row of ``delta``, whose gradient comes from its own rows only (Adam is element-wise); a request that has
+    converged leaves the batch and its row is frozen, so every result equals optimising that request alone.
     """
-    pad_id = padding_id(tokenizer)
-    batch = build_value_batch(tokenizer, request, templates, hp.fact_token, _device(model))
-    reference = reference_pass(model, module, batch, pad_id)
-    forward = value_forward(model, module, batch, pad_id, reference)
-    v_init = reference.values[0]  # templates[0] is the plain prompt, so its value is where the optimisation starts
-    max_norm = hp.clamp_norm_factor * v_init.norm()
-    t_index = torch.arange(len(batch.t_ids), device=batch.t_ids.device)
-    plain = batch.read_rows[t_index] == 0  # the plain prompt's target tokens
-
+    device = _device(model)
+    parts = [build_value_batch(tokenizer, r, templates, hp.fact_token, device) for r in requests]
+    paths = StackedForward(model, module, parts, padding_id(tokenizer), hp.v_prefix_cache)
+    full = paths.full
+    v_init = paths.reference.values[full.plain_rows]  # the plain prompt's value is where the optimisation starts
+    max_norm = hp.clamp_norm_factor * v_init.norm(dim=-1)
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    nll_value, plain_right, steps = float("nan"), False, 0
+    results: dict[int, tuple[float, bool, int]] = {}  # per request: (nll, plain_right, steps) when it stopped
+    active, stopped = list(range(len(requests))), []
+    stack, reference, forward = full, paths.reference, None
     with frozen_parameters(model), torch.enable_grad():
         for step in range(hp.v_num_grad_steps + 1):
-            if step == 0:
-                forward, log_probs = self_checked(model, module, batch, pad_id, reference, forward, delta)
-            else:
-                log_probs = forward(delta)
-            target_log_probs = log_probs[t_index]
-            nll = -(target_log_probs[t_index, batch.t_ids] * batch.t_weight).sum()
-            # the paper's D_KL(P_edited || P_original) on "{subject} is a"
-            kl = F.kl_div(reference.log_probs[-1], log_probs[-1], log_target=True, reduction="sum")
-            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * weight_decay(delta, v_init)
-            nll_value = nll.item()
-            plain_right = bool((target_log_probs[plain].argmax(-1) == batch.t_ids[plain]).all())
+            rows = delta[active]
+            log_probs = paths.first(delta) if forward is None else forward(rows[stack.row_edit])
+            losses = edit_losses(log_probs, stack, reference, rows, hp)
             # the last pass only measures the final delta
-            if converged(nll_value, plain_right, hp) or step == hp.v_num_grad_steps:
+            done = {
+                i
+                for i in range(len(active))
+                if converged(losses.nll[i], losses.plain_right[i], hp) or step == hp.v_num_grad_steps
+            }
+            for i in done:
+                results[active[i]] = (losses.nll[i], losses.plain_right[i], step)
+            if len(done) == len(active):
                 break
             optimizer.zero_grad()
-            loss.backward()
+            losses.loss[[i for i in range(len(active)) if i not in done]].sum().backward()
+            stopped += [active[i] for i in sorted(done)]
+            frozen = delta.detach()[stopped].clone()
             optimizer.step()
-            steps += 1
-            with torch.no_grad():  # keep the new value within a ball around the old one
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    delta = delta.detach()
+            with torch.no_grad():
+                delta[stopped] = frozen  # Adam's momentum would still move a stopped request's row
+                clamp_rows(delta, max_norm)  # keep each new value within a ball around its old one
+            if done or forward is None:
+                active = [e for i, e in enumerate(active) if i not in done]
+                stack, reference, forward = paths.subset(active)
+    return [solution(paths, e, delta.detach()[e], *results[e]) for e in range(len(requests))]
+
+
+def solution(paths: StackedForward, edit: int, delta: torch.Tensor, nll: float, right: bool, steps: int):
+    """Request ``edit``'s ``ValueSolution`` from the reference pass and its final ``delta``."""
+    rows = paths.full.rows[paths.full.row_edit == edit]
+    keys, v_init = paths.reference.keys[rows], paths.reference.values[rows[0]]
     return ValueSolution(
         v_star=v_init + delta,
-        k=reference.keys[:-1].mean(0),
-        k_plain=reference.keys[0],
+        k=keys[:-1].mean(0),  # the templates' rows, not the KL prompt's
+        k_plain=keys[0],
         out_plain=v_init,
         v_init_norm=v_init.norm().item(),
         delta_norm=delta.norm().item(),
-        nll=nll_value,
-        plain_right=plain_right,
+        nll=nll,
+        plain_right=right,
         steps=steps,
     )
 

@@ -47,6 +47,21 @@ class ValueHyperParams(HyperParams):
         default=True,
         metadata={"help": "stop early only once the plain prompt also predicts every target token (argmax)"},
     )
+    v_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "requests whose value optimisations share one batched forward/backward (MEMIT's batches, "
+            "edit_parallel); bounds the memory, results do not depend on it"
+        },
+    )
+    v_prefix_cache: bool = field(
+        default=True,
+        metadata={"help": "run each step on the tokens from the fact token on, the prefix from a KV cache"},
+    )
+    reuse_context_templates: bool = field(
+        default=True,
+        metadata={"help": "sample the context prefixes once per model; false: again for every edit call (slow)"},
+    )
     context_template_lengths: list[int] = field(
         default_factory=lambda: [5, 10],
         metadata={"help": "token lengths of the generated context prefixes (model_args: '5|10')"},
