@@ -344,7 +344,9 @@ def parse_json(raw: bytes, path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        truncated = " The file ends early: it is probably truncated." if err.pos >= len(text.rstrip()) else ""
+        # the parser reached the end inside a string, or the text stopped before the JSON did
+        ends_early = err.msg.startswith("Unterminated string") or err.pos >= len(text.rstrip())
+        truncated = " The file ends early: it is probably truncated." if ends_early else ""
         raise RecordError(
             f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno} (character {err.pos})."
             f"{truncated} Re-download the file or fix the JSON."

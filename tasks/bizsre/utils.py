@@ -23,7 +23,7 @@ from lm_eval_xke.cases import (
     wants_final_phase,
     with_final_phase,
 )
-from lm_eval_xke.data import BIZSRE_TEST, load_bizsre, locate
+from lm_eval_xke.data import BIZSRE_TEST, flag_option, load_bizsre, locate
 from lm_eval_xke.metrics import F1_FORMULAS, exact_match, normalized_em, normalized_f1, token_f1
 
 LANGS = ("en", "zh")
@@ -39,12 +39,14 @@ def load_dataset(**options: Any) -> DatasetDict:
     legacy_pr), ``xke_skip_invalid`` (drop malformed records instead of failing; counted in the results).
     """
     edit_lang = options["xke_edit_lang"]
+    if edit_lang not in LANGS:
+        raise ValueError(f"xke_edit_lang must be one of {', '.join(LANGS)}, got {edit_lang!r}")
     protocol = options["xke_protocol"]
     f1_formula = str(options.get("xke_f1", "harmonic"))
     if f1_formula not in F1_FORMULAS:
         raise ValueError(f"xke_f1 must be one of {', '.join(F1_FORMULAS)}, got {f1_formula!r}")
     path = locate(BIZSRE_TEST, options.get("xke_data_file"))
-    data = load_bizsre(path, skip_invalid=_as_bool(options.get("xke_skip_invalid", False)))
+    data = load_bizsre(path, skip_invalid=flag_option(options, "xke_skip_invalid"))
     source = {
         "file": path.name,
         "sha256": data.sha256,
@@ -57,10 +59,6 @@ def load_dataset(**options: Any) -> DatasetDict:
     }
     docs = [_doc(index, record, edit_lang, protocol, source) for index, record in data.records]
     return DatasetDict({"test": Dataset.from_list(docs)})
-
-
-def _as_bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _doc(index: int, record: dict, edit_lang: str, protocol: str, source: dict) -> dict:

@@ -31,7 +31,16 @@ from lm_eval_xke.cases import (
     wants_final_phase,
     with_final_phase,
 )
-from lm_eval_xke.data import MCQA_LETTERS, MLAKE_LANGS, MlakeData, RecordError, RecordProblem, load_mlake
+from lm_eval_xke.data import (
+    MCQA_LETTERS,
+    MLAKE_LANGS,
+    SKIP_HINT,
+    MlakeData,
+    RecordError,
+    RecordProblem,
+    flag_option,
+    load_mlake,
+)
 from lm_eval_xke.metrics import CHAR_LEVEL_LANGS, contains_match, normalized_em
 
 log = logging.getLogger("lm_eval.tasks.mlake")
@@ -120,19 +129,19 @@ def derive_edit(record: dict, lang: str, index: int) -> DerivedEdit:
     """The edit request of a single-hop record: prompt ending before ``e_answer``, subject inside it (README)."""
     prompt, rule = _prompt_before_answer(record, lang)
     if not prompt:
-        raise DerivationError(f"record {index} ({lang}): no edit prompt: e_prompt, o_prompt and question are empty")
+        raise DerivationError(
+            f"record {index} ({lang}): field 'e_prompt': no edit prompt: e_prompt, o_prompt and question hold no words"
+        )
     other = record["question"] if rule != "question" else record["e_prompt"].replace(record["e_answer"], " ")
     subject = _subject(prompt, other, lang)
     if not subject or subject not in prompt:
-        raise DerivationError(f"record {index} ({lang}): no subject could be derived from prompt {prompt!r}")
+        raise DerivationError(
+            f"record {index} ({lang}): field 'e_prompt': no subject could be derived from prompt {prompt!r}"
+        )
     return DerivedEdit(EditRequest(prompt=prompt, subject=subject, target_new=record["e_answer"], lang=lang), rule)
 
 
 # ---------------------------------------------------------------- options
-
-
-def _as_bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _lang_option(options: dict, key: str, default: str | None = None) -> str:
@@ -167,14 +176,47 @@ def _derive_all(lang: str, data_path: Any, skip_invalid: bool) -> _Edits:
         try:
             by_index[index] = derive_edit(record, lang, index)
         except DerivationError as err:
+            problem = RecordProblem(index, lang, "e_prompt", str(err))
             if not skip_invalid:
-                raise RecordError(
-                    f"{data.path.name}: {err}. Pass xke_skip_invalid=true to skip such records."
-                ) from None
-            failed.append(RecordProblem(index, lang, "e_prompt", str(err)))
+                raise RecordError(f"{data.path.name} {err}. {SKIP_HINT}", problem) from None
+            failed.append(problem)
     if failed:
         log.warning("MLaKE %s: no edit request for records %s (skipped)", lang, [p.index for p in failed])
     return _Edits(by_index, data, failed)
+
+
+def _check_aligned(files: list[MlakeData], skip_invalid: bool) -> None:
+    """Single-hop files are aligned by record index across languages: a file with fewer records lost some."""
+    sizes = {data.path.name: data.size for data in files}
+    if len(set(sizes.values())) > 1 and not skip_invalid:
+        counts = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise RecordError(
+            f"MLaKE single-hop files are aligned by record index across languages, but their record counts differ "
+            f"({counts}): use the files of one MLaKE release, or pass xke_skip_invalid=true to keep only the "
+            "records every language has (the others are counted in the results)."
+        )
+
+
+def _join_index(english: MlakeData, skip_invalid: bool) -> dict[str, int]:
+    """English single-hop ``e_prompt`` -> row index: the key that links a multi-hop question to its edit.
+
+    A key shared by several rows is ambiguous: an error, or (skipping) no row, so its questions count as unjoined.
+    """
+    rows: dict[str, list[int]] = {}
+    for index, record in english.records:
+        rows.setdefault(record["e_prompt"], []).append(index)
+    shared = [indices for indices in rows.values() if len(indices) > 1]
+    if shared and not skip_invalid:
+        first, second = shared[0][:2]
+        problem = RecordProblem(second, "en", "e_prompt", f"field 'e_prompt' repeats record {first}'s")
+        raise RecordError(
+            f"{problem.describe(english.path.name)}: it must be unique, since it links multi-hop questions to "
+            f"their edit. {SKIP_HINT}",
+            problem,
+        )
+    if shared:
+        log.warning("MLaKE: English single-hop rows %s share an e_prompt; their questions are unjoined", shared)
+    return {key: indices[0] for key, indices in rows.items() if len(indices) == 1}
 
 
 def _source(file: str, data: MlakeData, records: int, protocol: str, options: dict, **extra: Any) -> dict:
@@ -199,9 +241,10 @@ def load_dataset(**options: Any) -> DatasetDict:
     ``xke_skip_invalid`` (skip invalid or underivable rows instead of failing; counted in the results).
     """
     edit_lang = _lang_option(options, "xke_edit_lang")
-    skip = _as_bool(options.get("xke_skip_invalid", False))
+    skip = flag_option(options, "xke_skip_invalid")
     edits = _derive_all(edit_lang, options.get("xke_data_file"), skip)
     tests = {lang: load_mlake("single_qa", lang, options.get("xke_data_file"), skip) for lang in LANGS}
+    _check_aligned([edits.data, *tests.values()], skip)
     rows = {lang: dict(data.records) for lang, data in tests.items()}
     indices = [i for i in sorted(edits.by_index) if all(i in rows[lang] for lang in LANGS)]
     source = _source(
@@ -273,9 +316,8 @@ def load_multihop_dataset(**options: Any) -> DatasetDict:
     """
     test_lang = _lang_option(options, "xke_mlake_test_lang")
     edit_lang = _lang_option(options, "xke_mlake_edit_lang", "en")
-    path, skip = options.get("xke_data_file"), _as_bool(options.get("xke_skip_invalid", False))
-    english = load_mlake("single_qa", "en", path, skip)
-    row_of = {record["e_prompt"]: index for index, record in english.records}
+    path, skip = options.get("xke_data_file"), flag_option(options, "xke_skip_invalid")
+    row_of = _join_index(load_mlake("single_qa", "en", path, skip), skip)
     edits = _derive_all(edit_lang, path, skip)
     questions = load_mlake("multi_qa", test_lang, path, skip)
     joined, unjoined = [], []
@@ -342,9 +384,10 @@ def load_mc_dataset(**options: Any) -> DatasetDict:
     options of the row's multiple-choice question in every language, one loglikelihood request each.
     """
     edit_lang = _lang_option(options, "xke_edit_lang")
-    path, skip = options.get("xke_data_file"), _as_bool(options.get("xke_skip_invalid", False))
+    path, skip = options.get("xke_data_file"), flag_option(options, "xke_skip_invalid")
     edits = _derive_all(edit_lang, path, skip)
     tests = {lang: load_mlake("single_mcqa", lang, path, skip) for lang in LANGS}
+    _check_aligned([edits.data, *tests.values()], skip)
     rows = {lang: dict(data.records) for lang, data in tests.items()}
     indices = [i for i in sorted(edits.by_index) if all(i in rows[lang] for lang in LANGS)]
     source = _source(
