@@ -80,7 +80,7 @@ class MendTrainable(Trainable):
         return [{"params": others}, {"params": [self.edit_lrs], "lr": hp.lr_lr}]
 
     def deltas(self, requests: Sequence[EditRequest]) -> list[WeightDelta]:
-        """MEND's update for ``requests``: per module ``-lr * delta~^T u~`` (rank: the target tokens)."""
+        """MEND's update for ``requests``: per module ``-lr * delta~^T u~`` (rank: the tokens edited on)."""
         batch = build_edit_batch(self.tokenizer, requests, self.edit_lrs.device)
         factors = gradient_factors(self.model, self.names, batch)
         deltas = []

@@ -31,7 +31,7 @@ def per_request_nll(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 def gradient_factors(model, names: Sequence[str], batch: EditBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One forward and backward of the edit loss: per module, ``(u, delta)`` at every target token (float32).
+    """One forward and backward of the edit loss: per module, ``(u, delta)`` at every token of the batch (float32).
 
     The loss is the sum over requests of their mean target NLL, so each request's factors are those of its own
     edit whatever the batch size (a batch edit is the sum of the single edits' gradients, as in the paper).
@@ -44,8 +44,9 @@ def gradient_factors(model, names: Sequence[str], batch: EditBatch) -> dict[str,
         records = [stack.enter_context(trace_module(module)) for module in modules]
         loss = per_request_nll(target_log_probs(model, batch, "target_new"), batch.target_mask).sum()
         grads = torch.autograd.grad(loss, [record["output"] for record in records])
-    rows, cols = batch.target_mask.nonzero(as_tuple=True)
-    cols = batch.read_cols[rows, cols]
+    # every real token: the prompt's hidden states reach the targets through attention, so their factors are part
+    # of the gradient too (the paper's code keeps every position whose factors are non-zero)
+    rows, cols = batch.attention_mask.nonzero(as_tuple=True)
     return {
         name: (record["input"][rows, cols].detach().float(), grad[rows, cols].float())
         for name, record, grad in zip(names, records, grads, strict=True)
