@@ -153,7 +153,10 @@ class Editor(ABC):
         """Dataclass defaults < family defaults for ``model_type`` < YAML ``config_file`` < ``overrides``."""
         values: dict[str, Any] = dict(self.family_defaults.get(model_type, {}))
         if config_file is not None:
-            values.update(_read_yaml_mapping(Path(config_file)))
+            from_file = _read_yaml_mapping(Path(config_file))
+            # checked alone first, so that a bad key or value in the file is reported with the file's name
+            build_hparams(self.hparams_class, from_file, source=f"editor '{self.name}' (editor_config {config_file})")
+            values.update(from_file)
         values.update(overrides or {})
         return build_hparams(self.hparams_class, values, source=f"editor '{self.name}'")
 
@@ -223,15 +226,23 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise EditorError(f"editor_config file {path} does not exist")
+        raise EditorError(
+            f"editor_config file {path} does not exist: pass the path of a YAML file of hyper-parameters "
+            "(name: value per line), or drop editor_config"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise EditorError(f"editor_config file {path} is not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = " ".join(str(err).split())  # PyYAML's message spans lines: keep the error on one line
+        problem = f"editor_config file {path} is not valid YAML ({where}); fix it or drop editor_config"
+        raise EditorError(problem) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise EditorError(f"editor_config file {path} must hold a mapping of hyper-parameter names to values")
+        raise EditorError(
+            f"editor_config file {path} must hold a mapping of hyper-parameter names to values "
+            f"(name: value per line), got {type(data).__name__}"
+        )
     return data
 
 

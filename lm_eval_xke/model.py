@@ -38,6 +38,11 @@ EDIT_MODE_SEMANTICS = {
     ),
 }
 EDIT_MODES = tuple(EDIT_MODE_SEMANTICS)
+#: Appended to the semantics of a run sharded by ``accelerate launch`` (lm-eval gives process r every n-th doc).
+SHARDED_SEMANTICS = (
+    "; sharded over {n} processes: each edits and answers one case in {n} (doc ids equal to its rank modulo {n}), "
+    "so batches form within a process's share; n_edit_cases, n_editor_calls and edit timings are process 0's"
+)
 BACKENDS = ("hf", "vllm")
 
 
@@ -84,19 +89,25 @@ class XKELM(LM):
                 f"editor '{editor}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. "
                 "Use edit_mode=single or edit_mode=sequential."
             )
-        if int(edit_batch_size) < 1:
-            raise EditorError(f"edit_batch_size must be >= 1, got {edit_batch_size!r}")
+        edit_batch_size = _int_arg("edit_batch_size", edit_batch_size, minimum=1)
+        seed = _int_arg("seed", seed, minimum=0)
         backend_cls = _backend_class(backend)
         overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls, backend_cls)
         self.backend = backend_cls(**backend_kwargs)
+        if edit_mode == "sequential" and self.world_size > 1:
+            raise EditorError(
+                f"edit_mode=sequential cannot be sharded over {self.world_size} processes: each process would "
+                "accumulate only its own share of the edits. Run it as one process (lm_eval without accelerate "
+                "launch), or use edit_mode=single or edit_mode=batch."
+            )
         # backends that answer many edits in one call are told, per request, which edits it is answered under
         self._answers_per_edit = getattr(self.backend, "answers_per_edit", False)
         self.editor: Editor = editor_cls()
         model_type = getattr(self.backend.model.config, "model_type", "")
         self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides)
         self.edit_mode = edit_mode
-        self.edit_batch_size = int(edit_batch_size) if edit_mode == "batch" else 1
-        self.seed = int(seed)
+        self.edit_batch_size = edit_batch_size if edit_mode == "batch" else 1
+        self.seed = seed
         self._run = _RunRecord()
 
     # ------------------------------------------------------------ lm-eval plumbing, forwarded
@@ -122,25 +133,37 @@ class XKELM(LM):
         return self.backend.lm.device
 
     @property
+    def accelerator(self):
+        """HFLM's ``accelerate.Accelerator`` when launched as several processes (``accelerate launch``), else None."""
+        return getattr(self.backend.lm, "accelerator", None)
+
+    # HFLM shards docs only over several GPUs: on CPU (gloo) it leaves every process at rank 0 of 1, so each would
+    # evaluate everything. The accelerator knows the real process group: rank, size and gathers come from it.
+    @property
     def rank(self) -> int:
-        return self.backend.lm.rank
+        return self.accelerator.process_index if self.accelerator else self.backend.lm.rank
 
     @property
     def world_size(self) -> int:
-        return self.backend.lm.world_size
+        return self.accelerator.num_processes if self.accelerator else self.backend.lm.world_size
 
     @property
     def batch_sizes(self):
         return self.backend.lm.batch_sizes
 
     def all_gather(self, tensor):
-        return self.backend.lm.all_gather(tensor)
+        return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
 
     def gather_object(self, obj, dst=0):
-        return self.backend.lm.gather_object(obj, dst)
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=gathered, dst=dst)
+        return gathered
 
     def barrier(self) -> None:
-        self.backend.lm.barrier()
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.backend.lm.chat_template(chat_template)
@@ -162,7 +185,9 @@ class XKELM(LM):
             "editor": self.editor.name,
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
-            "edit_mode_semantics": EDIT_MODE_SEMANTICS[self.edit_mode],
+            "edit_mode_semantics": EDIT_MODE_SEMANTICS[self.edit_mode]
+            + (SHARDED_SEMANTICS.format(n=self.world_size) if self.world_size > 1 else ""),
+            "world_size": self.world_size,
             "edit_batch_size": self.edit_batch_size,
             "backend": self.backend.name,
             **({"backend_settings": self.backend.settings()} if hasattr(self.backend, "settings") else {}),
@@ -376,6 +401,18 @@ def _with_context(instance, context: str):
     clone = copy.copy(instance)
     clone.arguments = (context, *instance.arguments[1:])
     return clone
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    """A whole-number model_arg (lm-eval turns "5" into 5 but passes "abc" on); an EditorError names it."""
+    try:
+        number = int(value)
+        whole = not isinstance(value, bool) and number == float(value)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or number < minimum:
+        raise EditorError(f"model_arg {name} must be a whole number >= {minimum}, got {value!r}")
+    return number
 
 
 def _backend_class(name: str) -> type:
