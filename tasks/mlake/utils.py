@@ -164,7 +164,7 @@ class _Edits:
         return {
             "edit_rules": dict(Counter(d.rule for d in self.by_index.values())),
             "underivable_indices": [p.index for p in self.failed],
-            "skipped_invalid": len(self.data.records) + len(self.data.skipped) - kept,
+            "skipped_invalid": self.data.size - kept,
         }
 
 
