@@ -9,12 +9,14 @@ Every other request passes through to the backend unedited, so ordinary tasks ru
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,10 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, get_editor, hparam_fields
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, EditPlan, get_editor, hparam_fields, parallel_editors
+from lm_eval_xke.failed_edits import failed_answer, non_finite_reason
+from lm_eval_xke.journal import CaseEntry, Journal, JournalError, digest, journal_enabled, journal_path
+from lm_eval_xke.stats import weights_fingerprint
 
 # under lm-eval's logger tree, so that its CLI logging set-up prints our lines next to its own
 log = logging.getLogger("lm_eval.models.xke")
@@ -44,6 +49,10 @@ SHARDED_SEMANTICS = (
     "so batches form within a process's share; n_edit_cases, n_editor_calls and edit timings are process 0's"
 )
 BACKENDS = ("hf", "vllm")
+#: ``on_edit_failure``: record a failed edit and go on from the restored model, or end the run
+EDIT_FAILURE_POLICIES = ("skip", "stop")
+#: failed edits listed by name in the results (all of them are counted)
+LISTED_FAILURES = 100
 
 
 @dataclass
@@ -52,9 +61,29 @@ class _CaseWork:
 
     case: EditCase
     positions: list[int] = field(default_factory=list)
+    key: tuple[str, int] = ("", -1)  # (task name, doc id)
+    inputs: str = ""  # hash of the case and its prompts, set once all positions are known
 
     def positions_in(self, requests: Sequence, phase: str) -> list[int]:
         return [p for p in self.positions if self.case.questions[requests[p].idx].phase == phase]
+
+    def journaled_positions(self, requests: Sequence) -> list[int]:
+        """The requests whose answers the journal keeps: all but the ``final`` ones (asked after the last edit)."""
+        return [p for p in self.positions if self.case.questions[requests[p].idx].phase != "final"]
+
+    def inputs_digest(self, requests: Sequence) -> str:
+        """Hash of everything this case's answers depend on besides the run's settings: the case and the prompts."""
+        prompts = [[requests[p].idx, requests[p].args] for p in self.positions]
+        return digest({"case": self.case.to_doc(), "requests": prompts})
+
+
+@dataclass
+class _EditOutcome:
+    """One editor call: the applied edit, or ``None`` and why it failed (the model is then restored)."""
+
+    edit: AppliedEdit | None
+    seconds: float
+    failure: str | None = None
 
 
 class XKELM(LM):
@@ -62,9 +91,13 @@ class XKELM(LM):
 
     model_args: ``editor`` (registry name, default ``none``), ``editor_config`` (YAML file of
     hyper-parameters), any hyper-parameter of the chosen editor by name, ``edit_mode``
-    (single | batch | sequential), ``edit_batch_size``, ``backend`` (hf | vllm), ``seed``, ``xke_*`` task
-    options, and every argument of the backend (`hf`: those of lm-eval's HFLM; `vllm`: those of HFLM for the
-    editing model plus vLLM's ``EngineArgs`` fields).
+    (single | batch | sequential), ``edit_batch_size``, ``edit_parallel`` (single mode: plan this many cases' edits
+    in one batched computation against the unedited model, then apply, answer and restore them one by one; editors
+    with ``supports_parallel``), ``backend`` (hf | vllm), ``seed``, ``journal`` (``auto``:
+    a resumable journal of finished cases under ``$XKE_CACHE_DIR/journals``; a file or folder; ``off``),
+    ``on_edit_failure`` (``skip``: record a failed edit, score its questions 0 and go on; ``stop``: end the run),
+    ``xke_*`` task options, and every argument of the backend (`hf`: those of lm-eval's HFLM; `vllm`: those of
+    HFLM for the editing model plus vLLM's ``EngineArgs`` fields).
     """
 
     def __init__(
@@ -73,8 +106,11 @@ class XKELM(LM):
         editor_config: str | None = None,
         edit_mode: str = "single",
         edit_batch_size: int = 1,
+        edit_parallel: int = 1,
         backend: str = "hf",
         seed: int = 0,
+        journal: str | bool | None = "auto",
+        on_edit_failure: str = "skip",
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -91,6 +127,11 @@ class XKELM(LM):
             )
         edit_batch_size = _int_arg("edit_batch_size", edit_batch_size, minimum=1)
         seed = _int_arg("seed", seed, minimum=0)
+        edit_parallel = _check_edit_parallel(edit_parallel, edit_mode, editor_cls)
+        if on_edit_failure not in EDIT_FAILURE_POLICIES:
+            raise EditorError(
+                f"on_edit_failure must be one of {', '.join(EDIT_FAILURE_POLICIES)}, got {on_edit_failure!r}"
+            )
         backend_cls = _backend_class(backend)
         overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls, backend_cls)
         self.backend = backend_cls(**backend_kwargs)
@@ -107,7 +148,13 @@ class XKELM(LM):
         self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides)
         self.edit_mode = edit_mode
         self.edit_batch_size = edit_batch_size if edit_mode == "batch" else 1
+        self.edit_parallel = edit_parallel
+        self._plans: dict[tuple[str, int], tuple[EditPlan, float]] = {}  # per case: its plan, its planning seconds
         self.seed = seed
+        self.journal_setting = journal
+        self.on_edit_failure = on_edit_failure
+        self._backend_args = backend_kwargs
+        self._weights: str | None = None  # fingerprint of the unedited weights, for the journal's identity
         self._run = _RunRecord()
 
     # ------------------------------------------------------------ lm-eval plumbing, forwarded
@@ -189,9 +236,11 @@ class XKELM(LM):
             + (SHARDED_SEMANTICS.format(n=self.world_size) if self.world_size > 1 else ""),
             "world_size": self.world_size,
             "edit_batch_size": self.edit_batch_size,
+            "edit_parallel": self.edit_parallel,
             "backend": self.backend.name,
             **({"backend_settings": self.backend.settings()} if hasattr(self.backend, "settings") else {}),
             "seed": self.seed,
+            "on_edit_failure": self.on_edit_failure,
             "task_options": dict(self.task_options),
             # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
             "f1_tokenizer": self.tokenizer_name,
@@ -227,64 +276,261 @@ class XKELM(LM):
             return results
 
         torch.manual_seed(self.seed)
-        pre = [p for w in works for p in w.positions_in(requests, "pre")]
-        if self.edit_mode != "sequential" and self._answers_per_edit:
-            self._run_deferred(requests, works, pre, answer, results)
-            return results
-        self._answer_positions(requests, pre, answer, results)
-        if self.edit_mode == "sequential":
-            self._run_sequential(requests, works, answer, results)
-        else:
-            for chunk_start in tqdm(range(0, len(works), self.edit_batch_size), desc=f"xke {self.editor.name} edits"):
-                chunk = works[chunk_start : chunk_start + self.edit_batch_size]
-                edit = self._apply([r for w in chunk for r in w.case.requests])
-                try:
-                    post = [p for w in chunk for p in w.positions_in(requests, "post")]
-                    self._answer_positions(requests, post, answer, results, [edit])
-                finally:
-                    edit.restore()
+        journal = self._open_journal(requests, works)
+        try:
+            done = self._answer_from_journal(requests, works, journal, results)
+            pre = [p for w in works if w.key not in done for p in w.positions_in(requests, "pre")]
+            if self.edit_mode != "sequential" and self._answers_per_edit:
+                self._run_deferred(requests, works, pre, answer, results, journal, done)
+                return results
+            self._answer_positions(requests, pre, answer, results)
+            if self.edit_mode == "sequential":
+                self._run_sequential(requests, works, answer, results, journal, done)
+            else:
+                self._run_chunks(requests, works, answer, results, journal, done)
+        finally:
+            if journal is not None:
+                journal.close()
         return results
 
-    def _run_deferred(self, requests: list, works: list[_CaseWork], pre: list[int], answer: Callable, results: list):
+    def _chunks(self, works: list[_CaseWork]) -> list[list[_CaseWork]]:
+        """The cases of each editor call, in dataset order (one per call outside batch mode)."""
+        return [works[i : i + self.edit_batch_size] for i in range(0, len(works), self.edit_batch_size)]
+
+    def _run_chunks(
+        self, requests: list, works: list[_CaseWork], answer: Callable, results: list, journal, done: dict
+    ) -> None:
+        """single/batch: per chunk, edit the clean model, answer the post questions, restore, journal the cases."""
+        for chunk in tqdm(self._chunks(works), desc=f"xke {self.editor.name} edits"):
+            if all(w.key in done for w in chunk):
+                continue
+            self._plan_ahead(works, chunk, done)
+            outcome = self._apply(chunk)
+            post = [p for w in chunk for p in w.positions_in(requests, "post")]
+            if outcome.edit is None:
+                self._fail_positions(requests, post, results, outcome.failure)
+            else:
+                try:
+                    self._answer_positions(requests, post, answer, results, [outcome.edit])
+                finally:
+                    outcome.edit.restore()
+            self._journal(journal, requests, chunk, results, outcome)
+
+    def _run_deferred(
+        self, requests: list, works: list[_CaseWork], pre: list[int], answer: Callable, results: list, journal, done
+    ) -> None:
         """The fast path of backends that answer many edits at once (vLLM: one LoRA adapter per edit).
 
         Every chunk is edited and restored first, its :class:`AppliedEdit` (deltas, prompt transform) kept; then the
         pre questions and every chunk's post questions go to the backend in one call. An edit the backend cannot
-        replay after its restore (a memory editor's hooks) has its questions answered while it is applied.
+        replay after its restore (a memory editor's hooks) has its questions answered while it is applied. The
+        journal gets the cases once every answer is in.
         """
         groups: list[tuple[list[int], tuple[AppliedEdit, ...]]] = [(pre, ())]
-        for chunk_start in tqdm(range(0, len(works), self.edit_batch_size), desc=f"xke {self.editor.name} edits"):
-            chunk = works[chunk_start : chunk_start + self.edit_batch_size]
-            edit = self._apply([r for w in chunk for r in w.case.requests])
+        finished: list[tuple[list[_CaseWork], _EditOutcome]] = []
+        for chunk in tqdm(self._chunks(works), desc=f"xke {self.editor.name} edits"):
+            if all(w.key in done for w in chunk):
+                continue
+            self._plan_ahead(works, chunk, done)
+            outcome = self._apply(chunk)
+            finished.append((chunk, outcome))
+            post = [p for w in chunk for p in w.positions_in(requests, "post")]
+            if outcome.edit is None:
+                self._fail_positions(requests, post, results, outcome.failure)
+                continue
             try:
-                post = [p for w in chunk for p in w.positions_in(requests, "post")]
-                if self.backend.can_serve(edit):
-                    groups.append((post, (edit,)))
+                if self.backend.can_serve(outcome.edit):
+                    groups.append((post, (outcome.edit,)))
                 else:
-                    self._answer_positions(requests, post, answer, results, [edit])
+                    self._answer_positions(requests, post, answer, results, [outcome.edit])
             finally:
-                edit.restore()
+                outcome.edit.restore()
         self._answer_groups(requests, groups, answer, results)
+        for chunk, outcome in finished:
+            self._journal(journal, requests, chunk, results, outcome)
 
-    def _run_sequential(self, requests: list, works: list[_CaseWork], answer: Callable, results: list) -> None:
+    def _run_sequential(
+        self, requests: list, works: list[_CaseWork], answer: Callable, results: list, journal, done: dict
+    ) -> None:
         """Edits accumulate in order; each case is answered right after its own edit, every case again after the
-        last edit (``final`` questions: the forgetting curve); all edits are restored at the end, newest first."""
+        last edit (``final`` questions: the forgetting curve); all edits are restored at the end, newest first.
+
+        A case finished in the journal is edited again (the later edits build on it) but not asked again; one
+        whose edit failed is skipped, as it was. A failed edit's questions, final ones included, score as failures.
+        """
         edits: list[AppliedEdit] = []
+        failed: dict[tuple[str, int], str] = {}
         try:
             for work in tqdm(works, desc=f"xke {self.editor.name} sequential edits"):
-                edits.append(self._apply(list(work.case.requests)))
-                self._answer_positions(requests, work.positions_in(requests, "post"), answer, results, edits)
-            final = [p for w in works for p in w.positions_in(requests, "final")]
+                entry = done.get(work.key)
+                if entry is not None and entry.edit.get("failed"):
+                    self._run.note_journaled(work.key, entry)
+                    failed[work.key] = entry.edit["failed"]
+                    continue
+                outcome = self._apply([work])
+                post = work.positions_in(requests, "post")
+                if outcome.edit is None:
+                    failed[work.key] = outcome.failure
+                    self._fail_positions(requests, post, results, outcome.failure)
+                else:
+                    edits.append(outcome.edit)
+                    if entry is None:
+                        self._answer_positions(requests, post, answer, results, edits)
+                if entry is None:
+                    self._journal(journal, requests, [work], results, outcome)
+            final = [p for w in works if w.key not in failed for p in w.positions_in(requests, "final")]
             self._answer_positions(requests, final, answer, results, edits)
+            for work in works:
+                if work.key in failed:
+                    self._fail_positions(requests, work.positions_in(requests, "final"), results, failed[work.key])
         finally:
             for edit in reversed(edits):
                 edit.restore()
 
-    def _apply(self, edit_requests: list) -> AppliedEdit:
+    def _apply(self, chunk: list[_CaseWork]) -> _EditOutcome:
+        """One editor call for the chunk's requests. A failed edit is undone and recorded (``on_edit_failure=skip``)
+        or ends the run (``stop``); an :class:`EditorError` (a configuration problem) always ends it."""
+        model = self.backend.model
+        before = weights_fingerprint(model)
+        torch.manual_seed(self.seed)  # every call starts from the same RNG state: a resumed run matches a whole one
+        plan, planned_seconds = self._plans.pop(chunk[0].key, (None, 0.0))
+        started = time.perf_counter() - planned_seconds  # a planned case's share of its group's planning
+        try:
+            if plan is not None:
+                edit = plan()
+            else:
+                requests = [r for w in chunk for r in w.case.requests]
+                edit = self.editor.apply(model, self.backend.tokenizer, requests, self.hparams)
+        except EditorError:
+            raise
+        except Exception as err:
+            if weights_fingerprint(model) != before:
+                raise EditorError(
+                    f"editor '{self.editor.name}' raised {type(err).__name__} and left the model's weights changed; "
+                    "an editor must undo its partial changes before raising, so the run cannot go on"
+                ) from err
+            return self._failed(chunk, time.perf_counter() - started, f"{type(err).__name__}: {err}")
+        seconds = time.perf_counter() - started
+        reason = non_finite_reason(model, edit)
+        if reason is not None:
+            edit.restore()
+            return self._failed(chunk, seconds, reason)
+        self._run.edit_seconds.append(seconds)
+        return _EditOutcome(edit, seconds)
+
+    def _plan_ahead(self, works: list[_CaseWork], chunk: list[_CaseWork], done: dict) -> None:
+        """``edit_parallel`` > 1: plan this case's edit with the next pending cases' against the clean model; each
+        case's editor call then applies its plan, and the planning time is split evenly over the cases. A planning
+        error leaves the cases to their own editor calls, where a failure is handled case by case."""
+        if self.edit_parallel == 1 or chunk[0].key in self._plans:
+            return
+        start = next(i for i, w in enumerate(works) if w is chunk[0])
+        group = [w for w in works[start:] if w.key not in done][: self.edit_parallel]
+        torch.manual_seed(self.seed)
         started = time.perf_counter()
-        edit = self.editor.apply(self.backend.model, self.backend.tokenizer, edit_requests, self.hparams)
-        self._run.edit_seconds.append(time.perf_counter() - started)
-        return edit
+        try:
+            plans = self.editor.plan_parallel(
+                self.backend.model, self.backend.tokenizer, [list(w.case.requests) for w in group], self.hparams
+            )
+        except EditorError:
+            raise
+        except Exception as err:
+            log.warning("xke: planning %d edits together failed (%s); editing them one by one", len(group), err)
+            self._plans = {}
+            return
+        share = (time.perf_counter() - started) / len(group)
+        self._plans = {w.key: (plan, share) for w, plan in zip(group, plans, strict=True)}
+
+    def _failed(self, chunk: list[_CaseWork], seconds: float, reason: str) -> _EditOutcome:
+        self._run.edit_seconds.append(seconds)
+        cases = ", ".join(f"{task} doc {doc_id}" for task, doc_id in (w.key for w in chunk))
+        if self.on_edit_failure == "stop":
+            raise EditorError(
+                f"the edit of {cases} failed ({reason}); on_edit_failure=stop ends the run with the model restored "
+                "(finished cases stay in the journal). on_edit_failure=skip records it as a failed edit and goes on."
+            )
+        log.warning("xke: the edit of %s failed (%s); its questions are scored as failures", cases, reason)
+        for work in chunk:
+            self._run.failures[work.key] = reason
+        return _EditOutcome(None, seconds, reason)
+
+    @staticmethod
+    def _fail_positions(requests: list, positions: list[int], results: list, reason: str | None) -> None:
+        for p in positions:
+            results[p] = failed_answer(requests[p].request_type, requests[p].args, reason or "failed edit")
+
+    # ------------------------------------------------------------ journal
+
+    def _open_journal(self, requests: list, works: list[_CaseWork]) -> Journal | None:
+        if not journal_enabled(self.journal_setting):
+            return None
+        identity = self._journal_identity(requests, works)
+        journal = Journal(journal_path(self.journal_setting, identity), identity)
+        self._run.journals.add(str(journal.path))
+        return journal
+
+    def _journal_identity(self, requests: list, works: list[_CaseWork]) -> dict[str, Any]:
+        """Everything the journaled answers depend on; a journal is reused only by a run with the same identity."""
+        if self._weights is None:
+            self._weights = weights_fingerprint(self.backend.model)  # once: the model is clean between calls
+        return {
+            "request_type": requests[works[0].positions[0]].request_type,
+            "editor": self.editor.name,
+            "code": _code_digest(type(self.editor)),
+            "hparams": self.hparams.to_dict(),
+            "edit_mode": self.edit_mode,
+            "edit_batch_size": self.edit_batch_size,
+            "seed": self.seed,
+            "backend": self.backend.name,
+            "backend_args": self._backend_args,
+            "backend_settings": self.backend.settings() if hasattr(self.backend, "settings") else None,
+            "model": str(getattr(self.backend.model.config, "name_or_path", "")),
+            "weights": self._weights,
+            "task_options": self.task_options,
+            "cases": digest([[*w.key, w.inputs] for w in works]),
+        }
+
+    def _answer_from_journal(
+        self, requests: list, works: list[_CaseWork], journal: Journal | None, results: list
+    ) -> dict[tuple[str, int], CaseEntry]:
+        """Fill in the answers of journaled cases; the cases done (a batch only when all of its cases are)."""
+        if journal is None or not journal.entries:
+            return {}
+        done: dict[tuple[str, int], CaseEntry] = {}
+        for chunk in self._chunks(works):
+            entries = [journal.get(*w.key, w.inputs) for w in chunk]
+            if any(e is None for e in entries):
+                continue
+            for work, entry in zip(chunk, entries, strict=True):
+                positions = work.journaled_positions(requests)
+                if len(entry.answers) != len(positions):
+                    raise JournalError(
+                        f"journal {journal.path} holds {len(entry.answers)} answers for {work.key}, this run asks "
+                        f"{len(positions)}; delete the file or pass journal=off to start fresh"
+                    )
+                for p, out in zip(positions, entry.answers, strict=True):
+                    results[p] = out
+                done[work.key] = entry
+                if self.edit_mode != "sequential":  # sequential runs edit journaled cases again (and time them)
+                    self._run.note_journaled(work.key, entry)
+        log.info("xke journal %s: %d of %d cases answered from it", journal.path, len(done), len(works))
+        return done
+
+    def _journal(self, journal: Journal | None, requests: list, chunk: list[_CaseWork], results: list, outcome):
+        """Append the chunk's cases not yet journaled; the editor call's seconds go with its first case."""
+        if journal is None:
+            return
+        journal.append(
+            CaseEntry(
+                task=work.key[0],
+                doc_id=work.key[1],
+                inputs=work.inputs,
+                answers=[results[p] for p in work.journaled_positions(requests)],
+                edit={"seconds": outcome.seconds if i == 0 else None, "failed": outcome.failure},
+            )
+            for i, work in enumerate(chunk)
+            if work.key not in journal.finished
+        )
 
     def _answer_positions(
         self, requests: list, positions: list[int], answer: Callable, results: list, edits: Sequence[AppliedEdit] = ()
@@ -319,11 +565,13 @@ class XKELM(LM):
                 continue
             key = (req.task_name, req.doc_id)
             if key not in works:
-                works[key] = _CaseWork(EditCase.from_doc(req.doc["xke"]))
+                works[key] = _CaseWork(EditCase.from_doc(req.doc["xke"]), key=key)
                 self._check_task_options(req.task_name, works[key].case)
                 self._check_final_phase(req.task_name, works[key].case)
                 self._run.note_case(works[key].case)
             works[key].positions.append(i)
+        for work in works.values():
+            work.inputs = work.inputs_digest(requests)
         return list(works.values())
 
     def _check_task_options(self, task_name: str, case: EditCase) -> None:
@@ -359,13 +607,15 @@ class XKELM(LM):
 
 @dataclass
 class _RunRecord:
-    """What the run saw, for ``results["config"]["xke"]``: data sources, protocols, edit timings."""
+    """What the run saw, for ``results["config"]["xke"]``: data sources, protocols, edit timings, failed edits."""
 
     sources: dict[str, dict] = field(default_factory=dict)
     protocols: set[str] = field(default_factory=set)
     n_cases: int = 0
     edit_seconds: list[float] = field(default_factory=list)
     immediate_only: set[str] = field(default_factory=set)  # sequential-mode tasks without final questions
+    failures: dict[tuple[str, int], str] = field(default_factory=dict)  # (task, doc id) -> why its edit failed
+    journals: set[str] = field(default_factory=set)
 
     def note_case(self, case: EditCase) -> None:
         self.n_cases += 1
@@ -379,8 +629,16 @@ class _RunRecord:
                 {k: case.source.get(k) for k in ("file", "sha256", "records", "skipped_invalid", "protocol", "f1")},
             )
 
+    def note_journaled(self, key: tuple[str, int], entry: CaseEntry) -> None:
+        """Count a case answered from the journal as the run that journaled it counted it."""
+        if entry.edit.get("seconds") is not None:
+            self.edit_seconds.append(float(entry.edit["seconds"]))
+        if entry.edit.get("failed"):
+            self.failures[key] = str(entry.edit["failed"])
+
     def summary(self) -> dict:
         n = len(self.edit_seconds)
+        failed = sorted(self.failures.items())  # sorted: a resumed run lists them as an uninterrupted one
         return {
             "n_edit_cases": self.n_cases,
             "protocols": sorted(self.protocols),
@@ -388,7 +646,17 @@ class _RunRecord:
             "n_editor_calls": n,
             "edit_seconds_total": round(sum(self.edit_seconds), 3),
             "edit_seconds_mean": round(sum(self.edit_seconds) / n, 3) if n else None,
+            "n_failed_edits": len(failed),
+            "failed_edits": [{"task": t, "doc_id": d, "reason": r} for (t, d), r in failed[:LISTED_FAILURES]],
+            "journals": sorted(self.journals),
         }
+
+
+def _code_digest(editor_cls: type) -> str:
+    """Hash of the editor's package and of lm_eval_xke's own code: a journal outlives no change to either."""
+    folders = {Path(__file__).parent, Path(inspect.getfile(editor_cls)).parent}
+    files = sorted(f for folder in folders for f in folder.rglob("*.py"))
+    return digest([[str(f), hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])
 
 
 def _is_edit_request(request) -> bool:
@@ -413,6 +681,22 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
     if not whole or number < minimum:
         raise EditorError(f"model_arg {name} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def _check_edit_parallel(value: Any, edit_mode: str, editor_cls: type[Editor]) -> int:
+    """``edit_parallel`` as an int >= 1; above 1 only in single mode and for editors that can plan in parallel."""
+    parallel = _int_arg("edit_parallel", value, minimum=1)
+    if parallel > 1 and edit_mode != "single":
+        raise EditorError(
+            f"edit_parallel={parallel} plans independent single-mode edits together, so it needs edit_mode=single "
+            f"(got edit_mode={edit_mode}); drop edit_parallel or use edit_mode=single"
+        )
+    if parallel > 1 and not editor_cls.supports_parallel:
+        raise EditorError(
+            f"editor '{editor_cls.name}' cannot plan edits in parallel (edit_parallel={parallel}); editors that can: "
+            f"{parallel_editors()}. Use edit_parallel=1."
+        )
+    return parallel
 
 
 def _backend_class(name: str) -> type:
@@ -447,7 +731,8 @@ def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_
     if unknown:
         raise EditorError(
             f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
-            f"xke arguments: editor, editor_config, edit_mode, edit_batch_size, backend, seed, xke_* task options; "
+            "xke arguments: editor, editor_config, edit_mode, edit_batch_size, edit_parallel, backend, seed, "
+            "xke_* task options; "
             f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
             f"backend ({backend_cls.name}) arguments: {', '.join(sorted(hf_names))}"
             + (" and vLLM's EngineArgs fields" if engine_names else "")

@@ -24,6 +24,7 @@ from lm_eval_xke.cases import (
     with_final_phase,
 )
 from lm_eval_xke.data import BIZSRE_TEST, flag_option, load_bizsre, locate
+from lm_eval_xke.failed_edits import is_failed_answer
 from lm_eval_xke.metrics import F1_FORMULAS, exact_match, normalized_em, normalized_f1, token_f1
 
 LANGS = ("en", "zh")
@@ -109,6 +110,8 @@ def process_results(doc: dict, results: list) -> dict[str, float]:
 
 
 def _score(question: Question, result: Any, reference: Any, f1_formula: str) -> tuple[float, float]:
+    if is_failed_answer(result):
+        return 0.0, 0.0  # the edit failed: a failure on every metric, locality included
     if question.protocol == "teacher_forced":
         answer = _readout(result)
         if reference is None:

@@ -41,6 +41,7 @@ from lm_eval_xke.data import (
     flag_option,
     load_mlake,
 )
+from lm_eval_xke.failed_edits import is_failed_answer
 from lm_eval_xke.metrics import CHAR_LEVEL_LANGS, contains_match, normalized_em
 
 log = logging.getLogger("lm_eval.tasks.mlake")
@@ -298,9 +299,11 @@ def process_results(doc: dict, results: list) -> dict[str, float]:
         if question.phase == "post":
             roles.append(("old_answer", doc["old_answers"][question.lang]))
         suffix = metric_suffix(question)
+        failed = is_failed_answer(result)  # the edit failed: 0 on every metric
         for role, golds in roles:
-            scores[f"{role}_{question.lang}_em{suffix}"] = normalized_em(result, golds, question.lang)
-            scores[f"{role}_{question.lang}_contains{suffix}"] = contains_match(result, golds, question.lang)
+            lang = question.lang
+            scores[f"{role}_{lang}_em{suffix}"] = 0.0 if failed else normalized_em(result, golds, lang)
+            scores[f"{role}_{lang}_contains{suffix}"] = 0.0 if failed else contains_match(result, golds, lang)
     return scores
 
 
@@ -368,6 +371,8 @@ def process_multihop_results(doc: dict, results: list) -> dict[str, float]:
     """``multihop_<l>_em`` and ``multihop_<l>_contains`` of the one post-edit question."""
     (question,) = EditCase.from_doc(doc["xke"]).questions
     (result,) = results
+    if is_failed_answer(result):  # the edit failed
+        return {f"multihop_{question.lang}_em": 0.0, f"multihop_{question.lang}_contains": 0.0}
     return {
         f"multihop_{question.lang}_em": normalized_em(result, question.answers, question.lang),
         f"multihop_{question.lang}_contains": contains_match(result, question.answers, question.lang),
@@ -441,8 +446,10 @@ def process_mc_results(doc: dict, results: list) -> dict[str, float]:
         raise ValueError(f"expected {n} loglikelihoods per language, got {len(results)} results")
     scores: dict[str, float] = {}
     for group, key in enumerate(doc["mc_keys"]):
-        lls = [_loglikelihood(r) for r in results[group * n : (group + 1) * n]]
-        chosen = max(range(n), key=lls.__getitem__)
+        group_results = results[group * n : (group + 1) * n]
+        lls = [_loglikelihood(r) for r in group_results]
+        # a failed edit's options are all failed answers: none is chosen
+        chosen = None if any(map(is_failed_answer, group_results)) else max(range(n), key=lls.__getitem__)
         scores[f"reliability_{key['lang']}_acc"] = float(chosen == key["new"])
         scores[f"old_answer_{key['lang']}_acc"] = float(chosen == key["old"])
     return scores
