@@ -50,17 +50,23 @@ def by_doc(samples: list[dict]) -> dict[int, dict]:
 
 def test_two_processes_merge_to_the_single_process_results(tiny_llama_dir, data_dir, tmp_path, monkeypatch, xke_tasks):
     model_args = f"pretrained={tiny_llama_dir},editor=rome,layer=1,v_num_grad_steps=3"
-    env = {"XKE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # fresh journals: answers read back from an earlier run's journal would hide what these runs compute
+    env = {
+        "XKE_DATA_DIR": str(data_dir),
+        "XKE_JOURNAL_DIR": str(tmp_path / "journals"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     done = launch_two_cpu_processes(
         ["--tasks", "bizsre_en", "--model", "xke", "--model_args", model_args, "--device", "cpu",
-         "--limit", str(LIMIT), "--output_path", str(tmp_path), "--log_samples"],
+         "--limit", str(LIMIT), "--output_path", str(tmp_path / "out"), "--log_samples"],
         env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Building contexts for bizsre_en on rank 1" in done.stderr
-    (results_file,) = tmp_path.rglob("results_*.json")  # written once, by process 0
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")  # written once, by process 0
     sharded = json.loads(results_file.read_text())
-    sharded_samples = [json.loads(line) for line in next(tmp_path.rglob("samples_bizsre_en_*.jsonl")).open()]
+    sharded_samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_bizsre_en_*.jsonl")).open()]
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
