@@ -262,7 +262,6 @@ def train(
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
         tqdm.write(f"resuming from {checkpoint} at step {state['step']}")
-    validation: dict[str, float] = {}
     started = time.perf_counter() - state["seconds"]
     bar = tqdm(total=hp.steps, initial=state["step"], desc="train", dynamic_ncols=True)
     trainable.train()
@@ -275,9 +274,8 @@ def train(
         state["losses"].append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{state['losses'][-1]:.4f}", **{k: f"{v:.3f}" for k, v in stats.items()})
-        if val_records and (state["step"] % hp.val_every == 0 or state["step"] == hp.steps):
-            validation = _validate(trainable, val_records)
-            tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()))
+        if val_records and state["step"] % hp.val_every == 0 and state["step"] < hp.steps:
+            _validate(trainable, val_records, state["step"])
         if state["step"] % hp.checkpoint_every == 0 and state["step"] < hp.steps:
             state["seconds"] = time.perf_counter() - started
             _save_atomic(
@@ -290,16 +288,20 @@ def train(
                 checkpoint,
             )
     bar.close()
+    validation = _validate(trainable, val_records, state["step"]) if val_records else {}
     trainable.eval()
     return TrainOutcome(state["step"], state["losses"], validation, time.perf_counter() - started)
 
 
-def _validate(trainable: Trainable, records: Sequence[TrainRecord]) -> dict[str, float]:
+def _validate(trainable: Trainable, records: Sequence[TrainRecord], step: int) -> dict[str, float]:
+    """The editor's validation metric on the held-out records, printed."""
     trainable.eval()
     try:
-        return trainable.validate(records)
+        validation = trainable.validate(records)
     finally:
         trainable.train()
+    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()))
+    return validation
 
 
 def _save_atomic(payload: Any, path: Path) -> None:
