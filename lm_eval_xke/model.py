@@ -465,7 +465,10 @@ class XKELM(LM):
         if not journal_enabled(self.journal_setting):
             return None
         identity = self._journal_identity(requests, works)
-        journal = Journal(journal_path(self.journal_setting, identity), identity)
+        path = journal_path(self.journal_setting, identity)
+        if self.world_size > 1:  # sharded: every process journals its own share of the cases
+            path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+        journal = Journal(path, identity)
         self._run.journals.add(str(journal.path))
         return journal
 
