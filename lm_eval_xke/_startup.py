@@ -17,6 +17,7 @@ idempotent (in a venv the .pth line runs twice).
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 
@@ -30,11 +31,46 @@ def tasks_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+#: errors that describe the user's input (records, model_args, data, corpus, journal), not a bug in the code
+USER_ERRORS = frozenset(
+    {
+        "lm_eval_xke.editors.EditorError",
+        "lm_eval_xke.data.RecordError",
+        "lm_eval_xke.data.DataNotFoundError",
+        "lm_eval_xke.stats.CorpusError",
+        "lm_eval_xke.journal.JournalError",
+        "lm_eval_xke.tasks.mlake.utils.DerivationError",
+    }
+)
+
+
+def is_user_error(error: BaseException) -> bool:
+    return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(error).__mro__)
+
+
+def one_line_user_errors() -> None:
+    """Print an uncaught input error as one line, not a traceback through lm-eval (``XKE_TRACEBACK=1``: the
+    traceback). Other exceptions keep the previous hook."""
+    previous = sys.excepthook
+    if getattr(previous, "_xke", False):
+        return
+
+    def hook(kind, error, traceback):
+        if is_user_error(error) and not os.environ.get("XKE_TRACEBACK"):
+            print(f"lm_eval: error: {error}\n(set XKE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        else:
+            previous(kind, error, traceback)
+
+    hook._xke = True
+    sys.excepthook = hook
+
+
 def register_model(models_module=None) -> None:
     from lm_eval.api.registry import model_registry
 
     if MODEL_NAME not in model_registry:
         model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+    one_line_user_errors()  # lm-eval is being used in this process: its users get our input errors as one line
 
 
 def patch_task_manager(manager_module=None) -> None:

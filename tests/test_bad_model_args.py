@@ -85,8 +85,12 @@ def test_bad_model_arg_is_one_line_naming_it(name, tiny_llama_dir, config_dir, x
     assert_no_deep_traceback(info.value)
 
 
-def test_the_cli_user_sees_the_message_last_and_no_torch_frames(tiny_llama_dir, config_dir, data_dir):
+@pytest.mark.parametrize("traceback_wanted", [False, True], ids=["one_line", "XKE_TRACEBACK"])
+def test_the_cli_user_sees_one_line(tiny_llama_dir, config_dir, data_dir, traceback_wanted):
     env = {**os.environ, "XKE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("XKE_TRACEBACK", None)
+    if traceback_wanted:
+        env["XKE_TRACEBACK"] = "1"
     model_args = f"pretrained={tiny_llama_dir},editor=rome,editor_config={config_dir}/broken.yaml"
     done = subprocess.run(
         [
@@ -108,6 +112,10 @@ def test_the_cli_user_sees_the_message_last_and_no_torch_frames(tiny_llama_dir, 
         timeout=300,
     )
     assert done.returncode != 0
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("lm_eval_xke.editors.EditorError: editor_config file ") and "broken.yaml" in last
     assert "/torch/" not in done.stderr and "/transformers/" not in done.stderr
+    if traceback_wanted:
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("lm_eval_xke.editors.EditorError: editor_config file ") and "broken.yaml" in last
+    else:
+        assert "Traceback" not in done.stderr
+        assert "lm_eval: error: editor_config file " in done.stderr and "broken.yaml" in done.stderr
