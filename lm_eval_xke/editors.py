@@ -117,8 +117,9 @@ class Editor(ABC):
     """A knowledge-editing method.
 
     Subclasses set ``name``, ``hparams_class`` and optionally ``family_defaults`` (overrides of the
-    dataclass defaults per ``model.config.model_type``) and ``supports_batch``. One instance serves a
-    whole run, so it may cache per-model work (context templates, statistics).
+    dataclass defaults per ``model.config.model_type``), ``supports_batch`` and ``supports_parallel`` (with
+    ``plan_parallel``). One instance serves a whole run, so it may cache per-model work (context templates,
+    statistics).
     """
 
     name: ClassVar[str]
