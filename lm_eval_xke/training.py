@@ -41,6 +41,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 #: Default training files per language, relative to the shared data folder (``XKE_DATA_DIR``).
 DEFAULT_DATA = {"en": "train/zsre_mend_train_en_10000.json", "zh": "train/zsre_mend_train_zh_10000.txt"}
 LANG_MIXTURES = ("en", "zh", "en+zh")
+#: Editors that ``lm-eval-xke train`` offers (each implements ``TrainableEditor``).
+TRAINABLE_EDITORS = ("mend", "serac")
 
 
 # ---------------------------------------------------------------- data
@@ -231,7 +233,7 @@ class TrainableEditor(Protocol):
 def trainable_editor(name: str) -> type:
     cls = get_editor(name)
     if not hasattr(cls, "train_hparams_class"):
-        raise EditorError(f"editor '{name}' has no training step; trainable editors: mend, serac")
+        raise EditorError(f"editor '{name}' has no training step; trainable editors: {', '.join(TRAINABLE_EDITORS)}")
     return cls
 
 
@@ -395,7 +397,7 @@ def load_trainable(cls, path: str | Path, model, tokenizer) -> Trainable:
 def add_subcommand(sub) -> None:
     p = sub.add_parser("train", help="train MEND or SERAC for a base model (resumable; writes a checkpoint folder)")
     editors = p.add_subparsers(dest="editor", required=True)
-    for name in ("mend", "serac"):
+    for name in TRAINABLE_EDITORS:
         cls = trainable_editor(name)
         q = editors.add_parser(name, help=(cls.__doc__ or name).split("\n")[0])
         q.add_argument("--pretrained", required=True, help="HF model folder or name, or an offline model name")
@@ -411,7 +413,13 @@ def add_subcommand(sub) -> None:
         q.add_argument("--dtype", default="float32", help="dtype the base model is loaded in (edit in the same one)")
         q.add_argument("--device", default="cpu")
         for f in dataclasses.fields(cls.train_hparams_class):
-            q.add_argument(f"--{f.name.replace('_', '-')}", dest=f"hp_{f.name}", help=f.metadata.get("help"))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            q.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                dest=f"hp_{f.name}",
+                metavar=f.name.upper(),
+                help=f"{f.metadata.get('help', '')} (default: {default})",
+            )
         q.set_defaults(func=_train_command)
 
 
