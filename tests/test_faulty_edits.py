@@ -117,6 +117,23 @@ def test_a_failed_edit_is_recorded_and_the_next_case_starts_clean(tiny_llama_dir
     assert summary["failed_edits"] == [{"task": "t", "doc_id": 1, "reason": reason}]
 
 
+def test_a_failed_batch_fails_each_of_its_cases(tiny_llama_dir, clean_answers):
+    lm = XKELM(
+        pretrained=str(tiny_llama_dir),
+        device="cpu",
+        editor=FaultyEditor.name,
+        edit_mode="batch",
+        edit_batch_size=2,
+        journal="off",
+    )
+    requests = case_requests(3)
+    out = lm.loglikelihood(requests)
+    assert [is_failed_answer(o) for o in out] == [r.doc_id in (0, 1) and phase(r) == "post" for r in requests]
+    assert out[6:] == clean_answers[6:]  # the next batch edits the clean model
+    summary = lm.get_model_info()["xke"]
+    assert summary["n_failed_edits"] == 2 and summary["n_editor_calls"] == 2
+
+
 def test_an_editor_that_raises_half_way_through_ends_the_run(tiny_llama_dir):
     lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor=FaultyEditor.name, fault="dirty_raise")
     with pytest.raises(EditorError, match="left the model's weights changed") as raised:
