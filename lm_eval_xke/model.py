@@ -483,6 +483,7 @@ class XKELM(LM):
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
             "edit_batch_size": self.edit_batch_size,
+            "edit_parallel": self.edit_parallel,
             "seed": self.seed,
             "backend": self.backend.name,
             "backend_args": self._backend_args,
