@@ -99,15 +99,20 @@ class Journal:
         self.entries: dict[tuple[str, int], CaseEntry] = {}  # read back from the file
         self.finished: set[tuple[str, int]] = set()  # read back or appended (their answers are not kept)
         path.parent.mkdir(parents=True, exist_ok=True)
-        good_bytes = self._load() if path.exists() else 0
-        self._file = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 - kept open for the whole call
+        # appending mode: created when missing, every write goes to the end; kept open (and locked) for the whole call
+        self._file = open(path, "a+b")  # noqa: SIM115
+        try:
+            _lock(self._file, path)
+            self._file.seek(0)
+            good_bytes = self._load(self._file.read())
+        except BaseException:
+            self._file.close()
+            raise
         self._file.truncate(good_bytes)  # drop a torn last line, so the next append starts a line of its own
-        self._file.seek(good_bytes)
         if good_bytes == 0:
             self._write([{"journal": "lm_eval_xke", "format": FORMAT_VERSION, "identity": self.identity}])
             _fsync_dir(path.parent)
-        if self.entries:
-            log.info("xke journal %s: %d finished case(s) are answered from it", path, len(self.entries))
+        log.info("xke journal %s: %d finished case(s) in it", path, len(self.entries))
 
     def get(self, task: str, doc_id: int, inputs: str) -> CaseEntry | None:
         """The journaled case, if finished; a case journaled with other inputs is an error."""
@@ -134,9 +139,8 @@ class Journal:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def _load(self) -> int:
+    def _load(self, data: bytes) -> int:
         """Read the header and the finished cases; the number of bytes up to the last complete, valid line."""
-        data = self.path.read_bytes()
         lines = data.split(b"\n")
         # every complete line ends in a newline: the piece after the last one is empty or a torn write
         complete, tail = lines[:-1], lines[-1]
@@ -181,6 +185,21 @@ class Journal:
 _FRESH_START = (
     "To start fresh, delete or move the file, or pass journal=<another file or folder> (journal=off: no journal)."
 )
+
+
+def _lock(file, path: Path) -> None:
+    """An exclusive lock for this run: two runs appending to one journal would interleave their lines."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise JournalError(
+            f"journal {path} is in use by another run (the same command running twice?). Wait for it to finish, "
+            "or pass journal=<another file or folder>."
+        ) from None
 
 
 def _warn_torn(path: Path) -> None:

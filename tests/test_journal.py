@@ -83,6 +83,14 @@ def test_another_configuration_is_refused_naming_the_field(tmp_path):
         Journal(path, {**IDENTITY, "seed": 1})
 
 
+def test_two_runs_cannot_append_to_one_journal(tmp_path):
+    first = Journal(tmp_path / "j.jsonl", IDENTITY)
+    with pytest.raises(JournalError, match="in use by another run"):
+        Journal(tmp_path / "j.jsonl", IDENTITY)
+    first.close()
+    Journal(tmp_path / "j.jsonl", IDENTITY).close()  # free again once the first run is done
+
+
 def test_where_journals_go(tmp_path, monkeypatch):
     monkeypatch.setenv("XKE_JOURNAL_DIR", str(tmp_path / "journals"))
     assert [journal_enabled(v) for v in ("auto", "off", False, None, "OFF", str(tmp_path))] == [
