@@ -3,8 +3,9 @@
 An edit fails when the editor raises (other than an :class:`~lm_eval_xke.editors.EditorError`, which is a
 configuration problem and ends the run) or leaves non-finite numbers behind: in its weight deltas, in the
 parameters it names, or in the losses of its ``info``. The model is restored and every question asked after
-the edit gets a *failed answer*, which the tasks score 0 on every metric (locality included: a failed edit
-is not credited with leaving unrelated facts alone).
+the edit gets a *failed answer*, which the tasks score as the worst value of every metric: 0, locality included
+(a failed edit is not credited with leaving unrelated facts alone), and 1 where lower is better (MLaKE's
+``old_answer_*``: the old answer is still given).
 """
 
 from __future__ import annotations

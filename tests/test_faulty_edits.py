@@ -26,6 +26,7 @@ from lm_eval_xke.journal import Journal
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.tasks.bizsre.utils import process_results as bizsre_scores
 from lm_eval_xke.tasks.mlake.utils import process_mc_results, process_multihop_results
+from lm_eval_xke.tasks.mlake.utils import process_results as process_qa_results
 from lm_eval_xke.testing import parameter_hashes
 
 EDITED = "model.layers.0.mlp.down_proj.weight"
@@ -205,13 +206,21 @@ def test_bizsre_scores_a_failed_edit_zero_locality_included(protocol):
     assert set(bizsre_scores(doc, [answered, failed, failed]).values()) == {0.0}
 
 
-def test_mlake_scores_a_failed_edit_zero():
+def test_mlake_scores_a_failed_edit_worst():
     case = EditCase("c", (EditRequest("q", "q", "x", "en"),), (Question("multihop", "en", "q", ("x",)),))
     failed = failed_answer("generate_until", ("q", {}), "boom")
     assert set(process_multihop_results({"xke": case.to_doc()}, [failed]).values()) == {0.0}
     doc = {"mc_keys": [{"lang": "en", "new": 0, "old": 1}]}
     failed_ll = [failed_answer("loglikelihood", ("q", f" {letter}"), "boom") for letter in MCQA_LETTERS]
-    assert process_mc_results(doc, failed_ll) == {"reliability_en_acc": 0.0, "old_answer_en_acc": 0.0}
+    # old_answer_*: lower is better, so a failed edit scores 1 there
+    assert process_mc_results(doc, failed_ll) == {"reliability_en_acc": 0.0, "old_answer_en_acc": 1.0}
+    qa = EditCase("c", (EditRequest("q", "q", "x", "en"),), (Question("reliability", "en", "q", ("x",)),))
+    qa_doc = {"xke": qa.to_doc(), "old_answers": {"en": ["y"]}}
+    assert process_qa_results(qa_doc, ["x"])["reliability_en_em"] == 1.0  # not failed: scored as usual
+    assert process_qa_results(qa_doc, [failed]) == {
+        "reliability_en_em": 0.0, "reliability_en_contains": 0.0,
+        "old_answer_en_em": 1.0, "old_answer_en_contains": 1.0,
+    }  # fmt: skip
 
 
 def test_failed_edits_in_a_real_evaluation(tiny_llama_dir, xke_tasks, data_dir, monkeypatch):

@@ -287,6 +287,10 @@ def _qa_doc(index: int, edit: DerivedEdit, edit_lang: str, rows: dict, source: d
     }
 
 
+#: what a failed edit scores (``old_answer_*``: lower is better)
+FAILED_SCORE = {"reliability": 0.0, "old_answer": 1.0}
+
+
 def process_results(doc: dict, results: list) -> dict[str, float]:
     """``reliability_<l>_{em,contains}``: new answer given; ``old_answer_<l>_{em,contains}``: old one still given.
 
@@ -299,11 +303,14 @@ def process_results(doc: dict, results: list) -> dict[str, float]:
         if question.phase == "post":
             roles.append(("old_answer", doc["old_answers"][question.lang]))
         suffix = metric_suffix(question)
-        failed = is_failed_answer(result)  # the edit failed: 0 on every metric
+        failed = is_failed_answer(result)
         for role, golds in roles:
             lang = question.lang
-            scores[f"{role}_{lang}_em{suffix}"] = 0.0 if failed else normalized_em(result, golds, lang)
-            scores[f"{role}_{lang}_contains{suffix}"] = 0.0 if failed else contains_match(result, golds, lang)
+            if failed:  # the edit failed: the worst score, new answer not given, old one (lower is better) kept
+                scores[f"{role}_{lang}_em{suffix}"] = scores[f"{role}_{lang}_contains{suffix}"] = FAILED_SCORE[role]
+                continue
+            scores[f"{role}_{lang}_em{suffix}"] = normalized_em(result, golds, lang)
+            scores[f"{role}_{lang}_contains{suffix}"] = contains_match(result, golds, lang)
     return scores
 
 
@@ -448,8 +455,10 @@ def process_mc_results(doc: dict, results: list) -> dict[str, float]:
     for group, key in enumerate(doc["mc_keys"]):
         group_results = results[group * n : (group + 1) * n]
         lls = [_loglikelihood(r) for r in group_results]
-        # a failed edit's options are all failed answers: none is chosen
-        chosen = None if any(map(is_failed_answer, group_results)) else max(range(n), key=lls.__getitem__)
+        if any(map(is_failed_answer, group_results)):  # the edit failed: the worst score of each role
+            scores.update({f"{role}_{key['lang']}_acc": worst for role, worst in FAILED_SCORE.items()})
+            continue
+        chosen = max(range(n), key=lls.__getitem__)
         scores[f"reliability_{key['lang']}_acc"] = float(chosen == key["new"])
         scores[f"old_answer_{key['lang']}_acc"] = float(chosen == key["old"])
     return scores
