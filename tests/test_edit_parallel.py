@@ -184,3 +184,22 @@ def test_xke_edit_parallel_answers_as_one_at_a_time(tiny_llama_dir):
         assert info["edit_parallel"] == parallel and info["n_editor_calls"] == 4
     for one, many in zip(answers[1], answers[3], strict=True):
         assert one[0] == pytest.approx(many[0], abs=1e-4) and one[1:] == many[1:]
+
+
+def test_batched_values_equal_one_at_a_time_on_smollm2(smollm2_dir):
+    """Two real Bi-ZsRE-like edits on SmolLM2-135M: batched and alone agree (few steps, to stay under a minute)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    editor = RomeEditor()
+    hp = editor.resolve_hparams("llama", overrides={"v_num_grad_steps": 4, "context_templates_per_length": 2})
+    module = model.get_submodule(hp.module_name)
+    templates = editor.context_templates(model, tokenizer, hp)
+    requests = [
+        EditRequest("Which company built the Volvo B12M?", "Volvo B12M", "Volkswagen Group", "en"),
+        EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "en"),
+    ]
+    alone = [compute_v(model, tokenizer, module, r, templates, hp) for r in requests]
+    for b, a in zip(compute_values(model, tokenizer, module, requests, templates, hp), alone, strict=True):
+        assert_same(b, a)
