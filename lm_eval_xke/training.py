@@ -346,8 +346,9 @@ def save_artefact(
         },
         "result": {
             "steps": outcome.steps,
-            "first_loss": outcome.losses[0] if outcome.losses else None,
-            "last_loss": outcome.losses[-1] if outcome.losses else None,
+            # means over the first and the last tenth of the steps: single-step losses are as noisy as their batch
+            "first_loss": _mean(outcome.losses[: max(1, len(outcome.losses) // 10)]),
+            "last_loss": _mean(outcome.losses[-max(1, len(outcome.losses) // 10) :]),
             "validation": outcome.validation,
             "seconds": round(outcome.seconds, 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -357,6 +358,10 @@ def save_artefact(
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return config
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def load_artefact(path: str | Path, model, editor: str) -> tuple[dict, dict]:
