@@ -111,7 +111,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     engine_args = simple_parse_args_string(",".join(args.engine_args))
     model = args.model or str(save_tiny_model(tempfile.mkdtemp(prefix="xke-tiny-llama-"), "llama"))
-    common = {"pretrained": model, "dtype": "float32", "device": "cpu"}
+    # no journal: a repeated run would answer from it and time nothing
+    common = {"pretrained": model, "dtype": "float32", "device": "cpu", "journal": "off"}
     protocols = args.protocols.split(",")
     instances = {p: task_instances(TASKS[p][0], args.edits) for p in protocols}
     docs = {inst.doc_id: inst.doc for inst in next(iter(instances.values()))}

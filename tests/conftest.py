@@ -9,6 +9,21 @@ import pytest
 
 from lm_eval_xke.testing import save_tiny_model
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _journals_per_session(tmp_path_factory):
+    """Session- and module-scoped runs journal into this session's folder, never into ``~/.cache``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XKE_JOURNAL_DIR", str(tmp_path_factory.mktemp("journals")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _journals_per_test(tmp_path, monkeypatch):
+    """Each test journals into its own folder: a journal from an earlier test or session is never reused."""
+    monkeypatch.setenv("XKE_JOURNAL_DIR", str(tmp_path / "journals"))
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
