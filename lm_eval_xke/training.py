@@ -23,7 +23,7 @@ import random
 import re
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -43,6 +43,8 @@ DEFAULT_DATA = {"en": "train/zsre_mend_train_en_10000.json", "zh": "train/zsre_m
 LANG_MIXTURES = ("en", "zh", "en+zh")
 #: Editors that ``lm-eval-xke train`` offers (each implements ``TrainableEditor``).
 TRAINABLE_EDITORS = ("mend", "serac")
+#: Training options that may differ when a run is resumed (the others must match its checkpoint).
+RESUME_MAY_CHANGE = ("steps", "val_every", "checkpoint_every")
 
 
 # ---------------------------------------------------------------- data
@@ -249,16 +251,31 @@ class TrainOutcome:
 
 
 def train(
-    trainable: Trainable, train_records: Sequence[TrainRecord], val_records: Sequence[TrainRecord], hp, out: Path
+    trainable: Trainable,
+    train_records: Sequence[TrainRecord],
+    val_records: Sequence[TrainRecord],
+    hp: TrainHyperParams,
+    out: Path,
+    identity: Mapping[str, Any],
 ) -> TrainOutcome:
-    """Train ``trainable`` for ``hp.steps`` steps, resuming from ``out/checkpoint.pt`` when it exists."""
+    """Train ``trainable`` for ``hp.steps`` steps, resuming from ``out/checkpoint.pt`` when it exists.
+
+    ``identity`` (base model, data hash, hyper-parameters) is stored in the checkpoint; a checkpoint of another
+    identity is refused rather than resumed. Only the step count and the reporting intervals may change on resume.
+    """
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(hp.seed)
     optimizer = torch.optim.Adam(trainable.optimizer_groups(hp), lr=hp.lr)
     state = {"step": 0, "losses": [], "seconds": 0.0}
     checkpoint = out / CHECKPOINT_FILE
+    identity = {**identity, "hparams": {k: v for k, v in hp.to_dict().items() if k not in RESUME_MAY_CHANGE}}
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
+        if saved["identity"] != identity:
+            raise EditorError(
+                f"{checkpoint} belongs to another training run (base model, data or hyper-parameters differ: "
+                f"{_differences(saved['identity'], identity)}); use another --out folder or delete the checkpoint"
+            )
         trainable.load_state_dict(saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
@@ -286,6 +303,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "rng": torch.get_rng_state(),
                     "state": state,
+                    "identity": identity,
                 },
                 checkpoint,
             )
@@ -293,6 +311,17 @@ def train(
     validation = _validate(trainable, val_records, state["step"]) if val_records else {}
     trainable.eval()
     return TrainOutcome(state["step"], state["losses"], validation, time.perf_counter() - started)
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    flat_saved = {**saved, **saved.get("hparams", {})}
+    flat_current = {**current, **current.get("hparams", {})}
+    keys = sorted(k for k in set(flat_saved) | set(flat_current) if k != "hparams")
+    return ", ".join(
+        f"{k} {flat_saved.get(k)!r} -> {flat_current.get(k)!r}"
+        for k in keys
+        if flat_saved.get(k) != flat_current.get(k)
+    )
 
 
 def _validate(trainable: Trainable, records: Sequence[TrainRecord], step: int) -> dict[str, float]:
@@ -450,7 +479,8 @@ def _train_command(args) -> int:
     trainable = cls.make_trainable(model, tokenizer, hp)
     out = Path(args.out)
     print(f"training {args.editor} on {len(train_records)} records ({args.langs}), {hp.steps} steps -> {out}")
-    outcome = train(trainable, train_records, val_records, hp, out)
+    identity = {"base_model": str(model.config.name_or_path), "data_sha256": data_fingerprint(sources)}
+    outcome = train(trainable, train_records, val_records, hp, out, identity)
     config = save_artefact(out, args.editor, model, trainable, hp, sources, outcome)
     result = config["result"]
     print(

@@ -120,13 +120,11 @@ def test_training_lowers_the_loss_and_writes_a_loadable_artefact(tiny_llama_dir,
     assert not trainable.training and trainable.names == [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
 
 
-def test_resumed_training_equals_an_uninterrupted_run(tiny_llama_dir, tab_file, tmp_path, monkeypatch):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert main(train_args(tiny_llama_dir, whole, tab_file)) == 0
-
+def interrupt_at_step_5(monkeypatch, args: list[str]) -> None:
+    """Run the training command and interrupt it (Ctrl-C) in its fifth step."""
     original_train = training.train
 
-    def interrupted(trainable, *args):
+    def interrupted(trainable, *rest):
         calls = {"n": 0}
         loss = trainable.loss
 
@@ -137,14 +135,20 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_llama_dir, tab_file, 
             return loss(records)
 
         trainable.loss = loss_until_step_5
-        return original_train(trainable, *args)
+        return original_train(trainable, *rest)
 
-    monkeypatch.setattr(training, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(train_args(tiny_llama_dir, resumed, tab_file))
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "train", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tiny_llama_dir, tab_file, tmp_path, monkeypatch):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(train_args(tiny_llama_dir, whole, tab_file)) == 0
+    interrupt_at_step_5(monkeypatch, train_args(tiny_llama_dir, resumed, tab_file))
     saved = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert saved["state"]["step"] == 4  # the checkpoint of step 4; step 5 was interrupted
-    monkeypatch.setattr(training, "train", original_train)
     assert main(train_args(tiny_llama_dir, resumed, tab_file)) == 0
 
     first = torch.load(whole / "editor.pt", weights_only=True)
@@ -154,6 +158,15 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_llama_dir, tab_file, 
         assert torch.equal(first[name], second[name]), name
     losses = [json.loads((d / "config.json").read_text())["result"]["last_loss"] for d in (whole, resumed)]
     assert losses[0] == losses[1]
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tiny_llama_dir, tab_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_at_step_5(monkeypatch, train_args(tiny_llama_dir, out, tab_file))
+    with pytest.raises(EditorError, match=r"belongs to another training run .*lr 0.001 -> 0.01.*another --out folder"):
+        main(train_args(tiny_llama_dir, out, tab_file, lr=1e-2))
+    assert main(train_args(tiny_llama_dir, out, tab_file, steps=8)) == 0  # more steps: resumed
+    assert json.loads((out / "config.json").read_text())["result"]["steps"] == 8
 
 
 def test_an_artefact_is_refused_for_another_base_model(tiny_llama_dir, tab_file, tmp_path):
