@@ -143,8 +143,11 @@ def main() -> None:
     rows = []
     for name in names:
         command = [sys.executable, __file__, "--run", name, *sys.argv[1:]]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:  # e.g. killed for memory: say so and go on with the other configurations
+            print(f"  {name}: failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  {name}: {rows[-1]['edits_per_s']:.3f} edits/s", flush=True)
     print_table(rows)
 
