@@ -107,3 +107,33 @@ def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
     rows = torch.arange(len(requests), device=logits.device)[:, None]
     hit = (logits[rows, batch.read_cols].argmax(-1) == batch.target_ids) | ~batch.target_mask
     return hit.all(1).tolist()
+
+
+def capital_city_case(
+    subject: str = "Ruritania", target: str = "Berlin", prompt: str | None = None, final: bool = False
+) -> dict:
+    """An lm-eval doc of one synthetic edit case: ``prompt`` (default ``"The capital city of {subject}"``, the
+    subject last, where ROME on a random model can steer the next token) -> ``target``, asked with a pre-edit
+    locality question, the reliability question and a post-edit locality question (plus ``final`` copies)."""
+    from lm_eval_xke.cases import EditCase, EditRequest, Question, with_final_phase
+
+    prompt = prompt or f"The capital city of {subject}"
+    questions = (
+        Question("locality", "en", "Water is made of", ("hydrogen",), phase="pre"),
+        Question("reliability", "en", prompt, (target,)),
+        Question("locality", "en", "Water is made of", ("hydrogen",)),
+    )
+    request = EditRequest(prompt=prompt, subject=subject, target_new=target, lang="en")
+    return {"xke": EditCase(subject, (request,), with_final_phase(questions) if final else questions).to_doc()}
+
+
+def loglikelihood_requests(doc: dict, doc_id: int, task: str = "t") -> list:
+    """The loglikelihood instances lm-eval builds for ``doc``'s questions (answers scored after a space)."""
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_xke.cases import EditCase
+
+    return [
+        Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), idx, (task, doc_id, 1))
+        for idx, q in enumerate(EditCase.from_doc(doc["xke"]).questions)
+    ]

@@ -11,7 +11,7 @@ from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.rome import RomeEditor
 from lm_eval_xke.plugins.rome.compute import compute_v, compute_values
-from lm_eval_xke.testing import load_tiny, parameter_hashes
+from lm_eval_xke.testing import capital_city_case, load_tiny, loglikelihood_requests, parameter_hashes
 
 # few templates, no decay and a loose clamp (a random model's values are tiny); an early stop that some requests
 # reach within the steps and others do not, so that the batch shrinks while the others go on
@@ -136,28 +136,8 @@ def test_editors_without_planning_are_refused(tiny_llama_dir):
 
 
 def xke_requests(subjects_targets) -> list:
-    from lm_eval.api.instance import Instance
-
-    from lm_eval_xke.cases import EditCase, Question
-
-    instances = []
-    for doc_id, (subject, target) in enumerate(subjects_targets):
-        prompt = f"The capital city of {subject}"
-        case = EditCase(
-            case_id=subject,
-            requests=(EditRequest(prompt=prompt, subject=subject, target_new=target, lang="en"),),
-            questions=(
-                Question("locality", "en", "Water is made of", ("hydrogen",), phase="pre"),
-                Question("reliability", "en", prompt, (target,)),
-                Question("locality", "en", "Water is made of", ("hydrogen",)),
-            ),
-        )
-        doc = {"xke": case.to_doc()}
-        instances += [
-            Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), i, ("t", doc_id, 1))
-            for i, q in enumerate(case.questions)
-        ]
-    return instances
+    docs = [capital_city_case(subject, target) for subject, target in subjects_targets]
+    return [r for doc_id, doc in enumerate(docs) for r in loglikelihood_requests(doc, doc_id)]
 
 
 def test_xke_edit_parallel_answers_as_one_at_a_time(tiny_llama_dir):

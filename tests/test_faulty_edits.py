@@ -10,7 +10,7 @@ import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question, with_final_phase
+from lm_eval_xke.cases import EditCase, EditRequest, Question
 from lm_eval_xke.data import MCQA_LETTERS
 from lm_eval_xke.editors import (
     AppliedEdit,
@@ -27,7 +27,7 @@ from lm_eval_xke.model import XKELM
 from lm_eval_xke.tasks.bizsre.utils import process_results as bizsre_scores
 from lm_eval_xke.tasks.mlake.utils import process_mc_results, process_multihop_results
 from lm_eval_xke.tasks.mlake.utils import process_results as process_qa_results
-from lm_eval_xke.testing import parameter_hashes
+from lm_eval_xke.testing import capital_city_case, loglikelihood_requests, parameter_hashes
 
 EDITED = "model.layers.0.mlp.down_proj.weight"
 
@@ -67,21 +67,8 @@ register_editor(FaultyEditor.name, FaultyEditor)
 
 
 def case_requests(n: int, final: bool = False) -> list[Instance]:
-    requests = []
-    for doc_id in range(n):
-        prompt = f"The capital of Country{doc_id} is"
-        questions = (
-            Question("locality", "en", "Water is made of", ("hydrogen",), phase="pre"),
-            Question("reliability", "en", prompt, ("Berlin",)),
-            Question("locality", "en", "Water is made of", ("hydrogen",)),
-        )
-        request = EditRequest(prompt=prompt, subject=f"Country{doc_id}", target_new="Berlin", lang="en")
-        doc = {"xke": EditCase(f"c{doc_id}", (request,), with_final_phase(questions) if final else questions).to_doc()}
-        requests += [
-            Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), i, ("t", doc_id, 1))
-            for i, q in enumerate(EditCase.from_doc(doc["xke"]).questions)
-        ]
-    return requests
+    docs = [capital_city_case(f"Country{i}", "Berlin", f"The capital of Country{i} is", final) for i in range(n)]
+    return [r for doc_id, doc in enumerate(docs) for r in loglikelihood_requests(doc, doc_id)]
 
 
 def phase(request: Instance) -> str:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from lm_eval.api.instance import Instance
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question, with_final_phase
+from lm_eval_xke.cases import EditCase
 from lm_eval_xke.editors import AppliedEdit, Editor, HyperParams, register_editor
 from lm_eval_xke.journal import CaseEntry, Journal, JournalError, journal_enabled, journal_path, journals_dir
 from lm_eval_xke.model import XKELM
+from lm_eval_xke.testing import capital_city_case, loglikelihood_requests
 
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
 IDENTITY = {"editor": "rome", "seed": 0}
@@ -129,21 +130,8 @@ register_editor(CountingEditor.name, CountingEditor)
 
 
 def case_requests(n: int, final: bool = False) -> list[Instance]:
-    requests = []
-    for doc_id in range(n):
-        prompt = f"The capital of Country{doc_id} is"
-        questions = (
-            Question("locality", "en", "Water is made of", ("hydrogen",), phase="pre"),
-            Question("reliability", "en", prompt, ("Berlin",)),
-        )
-        request = EditRequest(prompt=prompt, subject=f"Country{doc_id}", target_new="Berlin", lang="en")
-        case = EditCase(f"c{doc_id}", (request,), with_final_phase(questions) if final else questions)
-        doc = {"xke": case.to_doc()}
-        requests += [
-            Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), i, ("t", doc_id, 1))
-            for i, q in enumerate(case.questions)
-        ]
-    return requests
+    docs = [capital_city_case(f"Country{i}", "Berlin", f"The capital of Country{i} is", final) for i in range(n)]
+    return [r for doc_id, doc in enumerate(docs) for r in loglikelihood_requests(doc, doc_id)]
 
 
 def xke(tiny_llama_dir, journal: Path | str, **kwargs) -> XKELM:
@@ -187,7 +175,8 @@ def test_sequential_resume_edits_finished_cases_again_without_asking_them(tiny_l
     assert resumed.loglikelihood(requests) == whole
     assert CountingEditor.calls - calls == 3  # the later edits build on the first one
     phases = [EditCase.from_doc(r.doc["xke"]).questions[r.idx].phase for r in asked]
-    assert phases.count("pre") == 2 and phases.count("post") == 2 and phases.count("final") == 3
+    # two unfinished cases (a pre and two post questions each); every case again after the last edit (two each)
+    assert phases.count("pre") == 2 and phases.count("post") == 4 and phases.count("final") == 6
 
 
 def test_journal_off_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):

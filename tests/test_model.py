@@ -9,38 +9,14 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_xke.cases import EditCase, EditRequest, Question, with_final_phase
+from lm_eval_xke.cases import EditCase, with_final_phase
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, register_editor
 from lm_eval_xke.model import XKELM
-from lm_eval_xke.testing import parameter_hashes
-
-
-# On a random tiny model ROME can steer only the token predicted at the edited (subject-last) position, so the
-# subject ends the prompt and the tests look at the first target token: the byte-level space.
-def make_case(subject: str = "Ruritania", target: str = "Berlin") -> dict:
-    prompt = f"The capital city of {subject}"
-    case = EditCase(
-        case_id=subject,
-        requests=(EditRequest(prompt=prompt, subject=subject, target_new=target, lang="en"),),
-        questions=(
-            Question("locality", "en", "Water is made of", ("hydrogen",), phase="pre"),
-            Question("reliability", "en", prompt, (target,)),
-            Question("locality", "en", "Water is made of", ("hydrogen",)),
-        ),
-    )
-    return {"xke": case.to_doc()}
+from lm_eval_xke.testing import capital_city_case, loglikelihood_requests, parameter_hashes
 
 
 def first_token_edited(response: tuple) -> bool:
     return json.loads(response[2])["answer"].startswith(" ")
-
-
-def requests_for(doc: dict, doc_id: int, task: str = "t") -> list[Instance]:
-    case = EditCase.from_doc(doc["xke"])
-    return [
-        Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), idx, (task, doc_id, 1))
-        for idx, q in enumerate(case.questions)
-    ]
 
 
 # A random model's MLP outputs are tiny (||v_init|| ~ 0.02): without decay and with a loose clamp ROME can move them.
@@ -56,8 +32,8 @@ def rome_lm(tiny_llama_dir):
 
 def test_edit_lands_and_restore_is_bit_exact(rome_lm):
     before = parameter_hashes(rome_lm.backend.model)
-    docs = [make_case("Ruritania", "Berlin"), make_case("Freedonia", "Tokyo")]
-    requests = [r for i, d in enumerate(docs) for r in requests_for(d, i)]
+    docs = [capital_city_case("Ruritania", "Berlin"), capital_city_case("Freedonia", "Tokyo")]
+    requests = [r for i, d in enumerate(docs) for r in loglikelihood_requests(d, i)]
     unedited = rome_lm.backend.readout([r.args for r in requests])
     assert not any(first_token_edited(u.as_response()) for u in unedited[1::3])  # precondition
     out = rome_lm.loglikelihood(requests)
@@ -68,8 +44,8 @@ def test_edit_lands_and_restore_is_bit_exact(rome_lm):
 
 
 def test_order_kept_with_plain_requests_and_repeats(rome_lm):
-    doc = make_case()
-    edit_requests = requests_for(doc, 0)
+    doc = capital_city_case()
+    edit_requests = loglikelihood_requests(doc, 0)
     plain = Instance("loglikelihood", {"text": "x"}, ("Hello", " world"), 0, ("plain", 0, 1))
     requests = [plain, edit_requests[1], edit_requests[0], edit_requests[1], plain, edit_requests[2]]
     out = rome_lm.loglikelihood(requests)
@@ -105,7 +81,7 @@ class MarkerEditor(Editor):
 
 
 def sequential_case(subject: str) -> dict:
-    doc = make_case(subject)
+    doc = capital_city_case(subject)
     case = EditCase.from_doc(doc["xke"])
     questions = with_final_phase(case.questions)
     return {"xke": EditCase(case.case_id, case.requests, questions, {"final_phase": True}).to_doc()}
@@ -117,7 +93,9 @@ def test_sequential_mode_answers_after_each_edit_then_after_the_last(tiny_llama_
     asked: list[str] = []
     readout = lm.backend.readout
     monkeypatch.setattr(lm.backend, "readout", lambda pairs: asked.extend(p for p, _ in pairs) or readout(pairs))
-    requests = requests_for(sequential_case("Ruritania"), 0) + requests_for(sequential_case("Freedonia"), 1)
+    requests = loglikelihood_requests(sequential_case("Ruritania"), 0) + loglikelihood_requests(
+        sequential_case("Freedonia"), 1
+    )
     out = lm.loglikelihood(requests)
     assert all(o is not None for o in out)
     post = [p for p in asked if "The capital" in p]
@@ -135,19 +113,21 @@ def test_sequential_mode_answers_after_each_edit_then_after_the_last(tiny_llama_
 def test_sequential_mode_needs_tasks_built_for_it(tiny_llama_dir):
     register_editor("marker", MarkerEditor)
     lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_mode="sequential")
-    built_for_single = make_case()
+    built_for_single = capital_city_case()
     built_for_single["xke"]["source"] = {"final_phase": False}
     with pytest.raises(EditorError, match="built for edit_mode=single/batch but the model runs edit_mode=sequential"):
-        lm.loglikelihood(requests_for(built_for_single, 0))
+        lm.loglikelihood(loglikelihood_requests(built_for_single, 0))
     single = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker")
     with pytest.raises(EditorError, match="built for edit_mode=sequential but the model runs edit_mode=single"):
-        single.loglikelihood(requests_for(sequential_case("Ruritania"), 0))
+        single.loglikelihood(loglikelihood_requests(sequential_case("Ruritania"), 0))
 
 
 def test_sequential_rome_keeps_edits_until_the_end_then_restores(tiny_llama_dir):
     lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="rome", edit_mode="sequential", **TINY_ROME)
     before = parameter_hashes(lm.backend.model)
-    requests = requests_for(sequential_case("Ruritania"), 0) + requests_for(sequential_case("Freedonia"), 1)
+    requests = loglikelihood_requests(sequential_case("Ruritania"), 0) + loglikelihood_requests(
+        sequential_case("Freedonia"), 1
+    )
     out = lm.loglikelihood(requests)
     assert parameter_hashes(lm.backend.model) == before
     assert all(first_token_edited(out[i]) for i in (1, 3, 6, 8))  # post answers and final re-answers
