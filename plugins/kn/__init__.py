@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas, edited_module
 
 from ..rome.compute import context_templates, frozen_parameters, split_prompt_target
 from .compute import (
@@ -107,16 +107,7 @@ class KnEditor(Editor):
         if bad:
             raise EditorError(f"layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
         for layer in hparams.layers or [0]:
-            name = hparams.module_template.format(layer)
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise EditorError(
-                    f"module {name!r} not found (model_type {model.config.model_type!r}); set module_template to "
-                    "the MLP output projection, e.g. 'model.layers.{}.mlp.down_proj'"
-                ) from None
-            if not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
-                raise EditorError(f"KN edits a linear MLP output projection; {name} is a {type(module).__name__}")
+            edited_module(model, hparams.module_template.format(layer), "KN")
         if hparams.ig_steps < 1:
             raise EditorError(f"ig_steps must be at least 1, got {hparams.ig_steps}")
         if not 0.0 <= hparams.adaptive_threshold < 1.0:
