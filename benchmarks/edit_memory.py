@@ -98,6 +98,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(save_tiny_model(Path(tmp) / "tiny-llama"))
         rows = [measure(e, n, model_dir, tmp, args.threads) for e in args.editors for n in args.cases]
+    print(
+        "peak resident set (resource.getrusage ru_maxrss) of one subprocess per row: tiny random Llama, single mode, "
+        f"journal on, {args.threads} thread(s); growth = peak after N cases - peak after one warm-up case"
+    )
     print(f"{'editor':>6} {'cases':>6} {'warm-up peak MiB':>17} {'peak MiB':>9} {'growth MiB':>11}")
     for row in rows:
         print(f"{row['editor']:>6} {row['cases']:>6} {row['warm']:>17} {row['peak']:>9} {row['growth']:>11}")
