@@ -137,3 +137,17 @@ def loglikelihood_requests(doc: dict, doc_id: int, task: str = "t") -> list:
         Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), idx, (task, doc_id, 1))
         for idx, q in enumerate(EditCase.from_doc(doc["xke"]).questions)
     ]
+
+
+def train_tiny_editor(root: Path, model_dir: Path, editor: str, n_facts: int, *options: str) -> Path:
+    """``lm-eval-xke train <editor> OPTIONS`` on ``model_dir`` over ``n_facts`` synthetic ``question<TAB>answer``
+    lines written under ``root``; returns the trained folder."""
+    from lm_eval_xke.cli import main
+
+    data = root / "facts_en.txt"
+    data.write_text("".join(f"Where is thing {i}?\tplace {i % 5}\n" for i in range(n_facts)), encoding="utf-8")
+    out = root / editor
+    args = ["train", editor, "--pretrained", str(model_dir), "--out", str(out), "--data", f"en={data}", *options]
+    if main(args) != 0:
+        raise RuntimeError(f"lm-eval-xke {' '.join(args)} failed")
+    return out

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+from weakref import WeakKeyDictionary
 
 import torch
 from tqdm import tqdm
@@ -423,6 +424,27 @@ def load_trainable(cls, path: str | Path, model, tokenizer) -> Trainable:
     trainable = cls.make_trainable(model, tokenizer, hp)
     trainable.load_state_dict(state)
     return trainable.to(next(model.parameters()).device).eval()
+
+
+class LoadedTrainables:
+    """The trained folders an editor has loaded, per base model; each is checked against the model once, on loading."""
+
+    def __init__(self, editor_cls: type, what: str) -> None:
+        self._editor_cls = editor_cls
+        self._what = what  # what the folder holds, for the missing-checkpoint message
+        self._loaded: WeakKeyDictionary = WeakKeyDictionary()
+
+    def get(self, model, tokenizer, checkpoint: str | None) -> Trainable:
+        name = self._editor_cls.name
+        if not checkpoint:
+            raise EditorError(
+                f"editor {name!r} needs a trained {self._what}: set editor_checkpoint=DIR, a folder written by "
+                f"`lm-eval-xke train {name} --pretrained MODEL --out DIR`"
+            )
+        per_model = self._loaded.setdefault(model, {})
+        if checkpoint not in per_model:
+            per_model[checkpoint] = load_trainable(self._editor_cls, checkpoint, model, tokenizer)
+        return per_model[checkpoint]
 
 
 # ---------------------------------------------------------------- command line

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.cli import main
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, target_log_probs
 from lm_eval_xke.plugins.mend import MendEditor, MendTrainable, MendTrainHyperParams
 from lm_eval_xke.plugins.mend.compute import gradient_factors, per_request_nll
-from lm_eval_xke.testing import load_tiny, parameter_hashes, save_tiny_model
+from lm_eval_xke.testing import load_tiny, parameter_hashes, save_tiny_model, train_tiny_editor
 
 REQUESTS = [
     EditRequest("The capital of France is", "France", "Rome", "en"),
@@ -30,13 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama_dir) -> Path:
     """A MEND folder trained for a few steps on the tiny llama (through the real `lm-eval-xke train`)."""
-    root = tmp_path_factory.mktemp("mend")
-    data = root / "facts_en.txt"
-    data.write_text("".join(f"Where is thing {i}?\tplace {i % 5}\n" for i in range(20)), encoding="utf-8")
-    out = root / "editor"
-    args = ["train", "mend", "--pretrained", str(tiny_llama_dir), "--out", str(out), "--data", f"en={data}"]
-    assert main([*args, "--steps", "4", "--val-size", "2", "--lr", "1e-3"]) == 0
-    return out
+    options = ["--steps", "4", "--val-size", "2", "--lr", "1e-3"]
+    return train_tiny_editor(tmp_path_factory.mktemp("mend"), tiny_llama_dir, "mend", 20, *options)
 
 
 def weight_gradient(model, tokenizer, name: str, requests) -> torch.Tensor:

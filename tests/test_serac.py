@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.cli import main
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.serac import ScopeClassifier, SeracEditor, SeracTrainHyperParams
 from lm_eval_xke.plugins.serac.compute import decoder_blocks, mean_pooled
-from lm_eval_xke.testing import load_tiny, parameter_hashes
+from lm_eval_xke.testing import load_tiny, parameter_hashes, train_tiny_editor
 from lm_eval_xke.training import TrainRecord, load_artefact
 
 REQUESTS = [
@@ -36,13 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama_dir) -> Path:
-    root = tmp_path_factory.mktemp("serac")
-    data = root / "facts_en.txt"
-    data.write_text("".join(f"Where is thing {i}?\tplace {i % 5}\n" for i in range(40)), encoding="utf-8")
-    out = root / "classifier"
-    args = ["train", "serac", "--pretrained", str(tiny_llama_dir), "--out", str(out), "--data", f"en={data}"]
-    assert main([*args, "--steps", "4", "--batch-size", "8", "--val-size", "8"]) == 0
-    return out
+    options = ["--steps", "4", "--batch-size", "8", "--val-size", "8"]
+    return train_tiny_editor(tmp_path_factory.mktemp("serac"), tiny_llama_dir, "serac", 40, *options)
 
 
 def hparams(trained: Path, **overrides):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
 from lm_eval_xke.editors import edited_module as checked_module
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, target_log_probs
-from lm_eval_xke.training import Trainable, TrainRecord, load_trainable
+from lm_eval_xke.training import LoadedTrainables, Trainable, TrainRecord
 
 from .compute import (
     GradientTransform,
@@ -151,8 +150,7 @@ class MendEditor(Editor):
     train_family_defaults = TRAIN_FAMILY_DEFAULTS
 
     def __init__(self) -> None:
-        # per model, the trained editors by folder (checked against the model once, when first loaded)
-        self._loaded: WeakKeyDictionary = WeakKeyDictionary()
+        self._trained = LoadedTrainables(type(self), "editor")
 
     @classmethod
     def make_trainable(cls, model, tokenizer, hp: MendTrainHyperParams) -> MendTrainable:
@@ -173,17 +171,7 @@ class MendEditor(Editor):
     def trainable(self, model, tokenizer, hparams: HyperParams) -> MendTrainable:
         if not isinstance(hparams, MendHyperParams):
             raise EditorError(f"editor 'mend' needs MendHyperParams, got {type(hparams).__name__}")
-        if not hparams.editor_checkpoint:
-            raise EditorError(
-                "editor 'mend' needs a trained editor: set editor_checkpoint=DIR, a folder written by "
-                "`lm-eval-xke train mend --pretrained MODEL --out DIR`"
-            )
-        per_model = self._loaded.setdefault(model, {})
-        if hparams.editor_checkpoint not in per_model:
-            per_model[hparams.editor_checkpoint] = load_trainable(
-                type(self), hparams.editor_checkpoint, model, tokenizer
-            )
-        return per_model[hparams.editor_checkpoint]
+        return self._trained.get(model, tokenizer, hparams.editor_checkpoint)
 
 
 __all__ = ["MendEditor", "MendHyperParams", "MendTrainHyperParams"]

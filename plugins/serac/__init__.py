@@ -18,7 +18,7 @@ import torch
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
 from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
-from lm_eval_xke.training import Trainable, TrainRecord, load_trainable
+from lm_eval_xke.training import LoadedTrainables, Trainable, TrainRecord
 
 from .compute import ScopeHead, balanced_bce, decoder_blocks, mean_pooled
 from .config import SeracHyperParams, SeracTrainHyperParams
@@ -94,7 +94,7 @@ class SeracEditor(Editor):
     train_family_defaults: dict = {}
 
     def __init__(self) -> None:
-        self._loaded: WeakKeyDictionary = WeakKeyDictionary()  # per model, classifiers by folder
+        self._trained = LoadedTrainables(type(self), "scope classifier")
         self._memory: WeakKeyDictionary = WeakKeyDictionary()  # per model, the edits in force, oldest first
         self._applied = itertools.count()
 
@@ -142,11 +142,6 @@ class SeracEditor(Editor):
     def check_hparams(self, hparams: HyperParams) -> SeracHyperParams:
         if not isinstance(hparams, SeracHyperParams):
             raise EditorError(f"editor 'serac' needs SeracHyperParams, got {type(hparams).__name__}")
-        if not hparams.editor_checkpoint:
-            raise EditorError(
-                "editor 'serac' needs a trained scope classifier: set editor_checkpoint=DIR, a folder written by "
-                "`lm-eval-xke train serac --pretrained MODEL --out DIR`"
-            )
         if not 0.0 <= hparams.scope_threshold < 1.0:
             raise EditorError(f"scope_threshold must be in [0, 1), got {hparams.scope_threshold}")
         try:
@@ -159,10 +154,7 @@ class SeracEditor(Editor):
         return hparams
 
     def classifier(self, model, tokenizer, hp: SeracHyperParams) -> ScopeClassifier:
-        per_model = self._loaded.setdefault(model, {})
-        if hp.editor_checkpoint not in per_model:
-            per_model[hp.editor_checkpoint] = load_trainable(type(self), hp.editor_checkpoint, model, tokenizer)
-        return per_model[hp.editor_checkpoint]
+        return self._trained.get(model, tokenizer, hp.editor_checkpoint)
 
 
 __all__ = ["SeracEditor", "SeracHyperParams", "SeracTrainHyperParams"]
