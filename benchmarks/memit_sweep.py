@@ -1,0 +1,111 @@
+"""MEMIT's spread settings (edited layers, lambda) on one batch of English Bi-ZsRE edits, values computed once.
+
+MEMIT optimises each request's value vector at the LAST edited layer on the unedited model; which earlier layers
+share the update and how strongly the corpus keys hold it back (``lambda_per_width``) only change the spread. So
+this sweep registers a MEMIT whose values are memoised per request: the first configuration pays for the value
+optimisation, every further one costs a spread and an evaluation. Each configuration is one ``edit_mode=batch``
+call of all the cases through the ``xke`` model (answers before the edit, the batch edit, answers after, restore),
+scored by the task's own ``process_results``: teacher-forced EM and harmonic F1, in %, English questions.
+
+    python benchmarks/memit_sweep.py --n-edits 100 --grid "4|5|6|7|8:0.3,1.36" "2|3|4|5|6|7|8:0.3,1.36"
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rome_smollm2 import ROLES, bizsre_instances, data_dir
+
+from lm_eval_xke.editors import register_editor
+from lm_eval_xke.plugins.memit import MemitEditor
+from lm_eval_xke.plugins.rome import evaluating
+from lm_eval_xke.plugins.rome.compute import compute_values
+
+SWEEP_EDITOR = "memit_sweep"
+
+
+class MemoisedValuesMemit(MemitEditor):
+    """MEMIT that optimises a request's value vector once per process and reuses it in later configurations."""
+
+    name = SWEEP_EDITOR
+    values: dict = {}  # (subject, prompt, target, last layer) -> ValueSolution, shared by every instance
+
+    def apply(self, model, tokenizer, requests, hparams):
+        hp = self.check_hparams(model, hparams)
+        keys = [(r.subject, r.prompt, r.target_new, hp.layers[-1]) for r in requests]
+        with evaluating(model):
+            templates = self.context_templates(model, tokenizer, hp)
+            missing = [r for r, k in zip(requests, keys, strict=True) if k not in self.values]
+            if missing:
+                last = model.get_submodule(hp.module_names()[-1])
+                solved = compute_values(model, tokenizer, last, missing, templates, hp)
+                for request, solution in zip(missing, solved, strict=True):
+                    self.values[(request.subject, request.prompt, request.target_new, hp.layers[-1])] = solution
+        return self.spread(model, tokenizer, requests, [self.values[k] for k in keys], templates, hp, 0.0)
+
+
+def parse_grid(entries: list[str]) -> list[tuple[str, float]]:
+    """``"4|5|6|7|8:0.3,1.36"`` -> [("4|5|6|7|8", 0.3), ("4|5|6|7|8", 1.36)]."""
+    grid = []
+    for entry in entries:
+        layers, _, lambdas = entry.partition(":")
+        if not lambdas:
+            raise SystemExit(f"--grid entry {entry!r}: expected LAYERS:LAMBDA[,LAMBDA...], e.g. '4|5|6|7|8:0.3,1.36'")
+        grid += [(layers, float(value)) for value in lambdas.split(",")]
+    return grid
+
+
+def main() -> None:
+    from lm_eval_xke import offline_models
+    from lm_eval_xke.model import XKELM
+    from lm_eval_xke.tasks.bizsre.utils import load_dataset, process_results
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-edits", type=int, default=100, help="English Bi-ZsRE records, one batch (default 100)")
+    parser.add_argument("--grid", nargs="+", required=True, help="LAYERS:LAMBDA_PER_WIDTH[,...] entries")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, prepared offline)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="MEMIT hyper-parameter, all runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    register_editor(SWEEP_EDITOR, MemoisedValuesMemit)
+
+    model = args.model or str(offline_models.prepare("smollm2-135m-instruct"))
+    docs = load_dataset(xke_edit_lang="en", xke_protocol="teacher_forced", xke_data_file=data_dir())["test"]
+    instances = [inst for i in range(args.n_edits) for inst in bizsre_instances(docs[i], i)]
+    print(f"MEMIT, one batch of {args.n_edits} English Bi-ZsRE edits, {model}, overrides {args.overrides}")
+    print(f"{'layers':<22} {'lambda/width':>12} {'seconds':>8} " + " ".join(f"{r[:3] + ' EM/F1':>12}" for r in ROLES))
+    for layers, per_width in parse_grid(args.grid):
+        overrides = dict(o.split("=", 1) for o in args.overrides)
+        lm = XKELM(
+            pretrained=model,
+            dtype="float32",
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            editor=SWEEP_EDITOR,
+            edit_mode="batch",
+            edit_batch_size=args.n_edits,
+            journal="off",
+            layers=layers,
+            lambda_per_width=per_width,
+            **overrides,
+        )
+        started = time.perf_counter()
+        answers = lm.loglikelihood(instances)
+        seconds = time.perf_counter() - started
+        cells = []
+        for role in ROLES:
+            results = [
+                process_results(docs[i], [a for inst, a in zip(instances, answers, strict=True) if inst.doc_id == i])
+                for i in range(args.n_edits)
+            ]
+            em = 100 * statistics.mean(r[f"{role}_en_em"] for r in results)
+            f1 = 100 * statistics.mean(r[f"{role}_en_f1"] for r in results)
+            cells.append(f"{em:5.0f}/{f1:5.1f}")
+        print(f"{layers:<22} {per_width:12.2f} {seconds:8.0f} " + " ".join(f"{c:>12}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
