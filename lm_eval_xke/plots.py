@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,23 @@ class TransferMatrix:
 
 
 def results_files(path: str | Path) -> list[Path]:
-    """``path`` itself, or every ``results_*.json`` under it, oldest first (by name: lm-eval stamps the time)."""
+    """``path`` itself, or every ``results_*.json`` under it, oldest first (by name: lm-eval stamps the time).
+
+    Linked folders are followed, so one folder of links can gather the runs of several output paths."""
     given = Path(path)
     if given.is_file():
         return [given]
-    found = sorted(given.rglob("results_*.json"), key=lambda p: p.name)
+    found = sorted(
+        (
+            Path(folder) / name
+            for folder, _, names in os.walk(given, followlinks=True)
+            for name in names
+            if name.startswith("results_") and name.endswith(".json")
+        ),
+        key=lambda p: p.name,
+    )
     if not found:
-        raise FileNotFoundError(f"no results_*.json file under {given}")
+        raise FileNotFoundError(f"no results_*.json file under {given}: give lm_eval's --output_path or one file")
     return found
 
 
@@ -152,7 +163,10 @@ def run_transfer(args: argparse.Namespace) -> int:
     metric = args.metric or FAMILY_METRICS[args.family][0]
     if metric not in FAMILY_METRICS[args.family]:
         raise SystemExit(f"--metric for {args.family} must be one of {', '.join(FAMILY_METRICS[args.family])}")
-    matrix = transfer_matrix(results_files(args.results), args.family, metric, args.role)
+    try:
+        matrix = transfer_matrix(results_files(args.results), args.family, metric, args.role)
+    except (FileNotFoundError, ValueError) as err:  # a wrong path or a folder without MLaKE results: one line
+        raise SystemExit(f"lm-eval-xke plot transfer: {err}") from None
     print(markdown_table(matrix))
     print(f"\nwrote {plot_heatmap(matrix, args.output)}")
     return 0

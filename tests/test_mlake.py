@@ -215,3 +215,18 @@ def test_transfer_matrix_table_and_png(tmp_path):
     assert "editor rome, model qwen" in table and "| zh | 20 | 75.0 |" in table and "| de | – | – |" in table
     png = plot_heatmap(matrix, tmp_path / "m.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transfer_follows_linked_folders_and_explains_a_missing_path(tmp_path, capsys):
+    from lm_eval_xke.cli import main
+
+    run = tmp_path / "runs" / "rome_en" / "model"
+    run.mkdir(parents=True)
+    _results_file(run / "results_2024-01-01.json", "rome", {"en": 0.5})
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    (gathered / "en").symlink_to(tmp_path / "runs" / "rome_en", target_is_directory=True)
+    assert main(["plot", "transfer", str(gathered), "-o", str(tmp_path / "m.png")]) == 0
+    assert "| en | 20 | 50.0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no results_\\*.json file under .*--output_path"):
+        main(["plot", "transfer", str(tmp_path / "empty_dir_that_is_missing")])
