@@ -36,7 +36,7 @@ import sys
 import time
 
 import torch
-from rome_smollm2 import ROLES, bizsre_instances, data_dir
+from rome_smollm2 import ROLES, bizsre_instances, case_results, data_dir
 
 NAIVE = {"reuse_context_templates": "false", "v_prefix_cache": "false", "early_stop_loss": "0"}
 SIX_PREFIXES = {"context_template_lengths": "10", "context_templates_per_length": "5"}
@@ -53,7 +53,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     """One configuration in this process: every case through the ``xke`` model; timings, EM and peak memory."""
     from lm_eval_xke import offline_models
     from lm_eval_xke.model import XKELM
-    from lm_eval_xke.tasks.bizsre.utils import load_dataset, process_results
+    from lm_eval_xke.tasks.bizsre.utils import load_dataset
 
     torch.set_num_threads(args.threads)
     hparams, parallel = configurations(args.batch_sizes)[name]
@@ -80,12 +80,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     answers = lm.loglikelihood(instances)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 
-    scores = {role: [] for role in ROLES}
-    for i in indices:
-        mine = [a for inst, a in zip(instances, answers, strict=True) if inst.doc_id == i]
-        results = process_results(docs[i], mine)
-        for role in ROLES:
-            scores[role].append(results[f"{role}_en_em"])
+    results = case_results(docs, instances, answers)
+    scores = {role: [results[i][f"{role}_en_em"] for i in indices] for role in ROLES}
     info = lm.get_model_info()["xke"]
     peak_mb = (
         torch.cuda.max_memory_allocated() / 2**20

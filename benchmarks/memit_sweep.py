@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from rome_smollm2 import ROLES, bizsre_instances, data_dir
+from rome_smollm2 import ROLES, bizsre_instances, case_results, data_dir
 
 from lm_eval_xke.editors import register_editor
 from lm_eval_xke.plugins.memit import MemitEditor
@@ -38,12 +38,11 @@ class MemoisedValuesMemit(MemitEditor):
         keys = [(r.subject, r.prompt, r.target_new, hp.layers[-1]) for r in requests]
         with evaluating(model):
             templates = self.context_templates(model, tokenizer, hp)
-            missing = [r for r, k in zip(requests, keys, strict=True) if k not in self.values]
+            missing = {k: r for k, r in zip(keys, requests, strict=True) if k not in self.values}
             if missing:
                 last = model.get_submodule(hp.module_names()[-1])
-                solved = compute_values(model, tokenizer, last, missing, templates, hp)
-                for request, solution in zip(missing, solved, strict=True):
-                    self.values[(request.subject, request.prompt, request.target_new, hp.layers[-1])] = solution
+                solved = compute_values(model, tokenizer, last, list(missing.values()), templates, hp)
+                self.values.update(zip(missing, solved, strict=True))
         return self.spread(model, tokenizer, requests, [self.values[k] for k in keys], templates, hp, 0.0)
 
 
@@ -61,7 +60,7 @@ def parse_grid(entries: list[str]) -> list[tuple[str, float]]:
 def main() -> None:
     from lm_eval_xke import offline_models
     from lm_eval_xke.model import XKELM
-    from lm_eval_xke.tasks.bizsre.utils import load_dataset, process_results
+    from lm_eval_xke.tasks.bizsre.utils import load_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-edits", type=int, default=100, help="English Bi-ZsRE records, one batch (default 100)")
@@ -76,10 +75,15 @@ def main() -> None:
     model = args.model or str(offline_models.prepare("smollm2-135m-instruct"))
     docs = load_dataset(xke_edit_lang="en", xke_protocol="teacher_forced", xke_data_file=data_dir())["test"]
     instances = [inst for i in range(args.n_edits) for inst in bizsre_instances(docs[i], i)]
-    print(f"MEMIT, one batch of {args.n_edits} English Bi-ZsRE edits, {model}, overrides {args.overrides}")
+    print(
+        f"MEMIT, one batch of {args.n_edits} English Bi-ZsRE edits, {model}, float32, {args.threads} thread(s), "
+        f"overrides {args.overrides}; teacher-forced EM / harmonic F1 in % on the English questions (the task's "
+        "process_results); seconds: wall-clock of the batch (answers before, edit, answers after; the first row "
+        "also optimises the values)"
+    )
     print(f"{'layers':<22} {'lambda/width':>12} {'seconds':>8} " + " ".join(f"{r[:3] + ' EM/F1':>12}" for r in ROLES))
+    overrides = dict(o.split("=", 1) for o in args.overrides)
     for layers, per_width in parse_grid(args.grid):
-        overrides = dict(o.split("=", 1) for o in args.overrides)
         lm = XKELM(
             pretrained=model,
             dtype="float32",
@@ -95,12 +99,9 @@ def main() -> None:
         started = time.perf_counter()
         answers = lm.loglikelihood(instances)
         seconds = time.perf_counter() - started
+        results = case_results(docs, instances, answers).values()
         cells = []
         for role in ROLES:
-            results = [
-                process_results(docs[i], [a for inst, a in zip(instances, answers, strict=True) if inst.doc_id == i])
-                for i in range(args.n_edits)
-            ]
             em = 100 * statistics.mean(r[f"{role}_en_em"] for r in results)
             f1 = 100 * statistics.mean(r[f"{role}_en_f1"] for r in results)
             cells.append(f"{em:5.0f}/{f1:5.1f}")

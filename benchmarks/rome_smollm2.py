@@ -45,6 +45,16 @@ def bizsre_instances(doc: dict, index: int) -> list[Instance]:
     ]
 
 
+def case_results(docs, instances: list[Instance], answers: list) -> dict[int, dict[str, float]]:
+    """The task's own ``process_results`` per doc index, from the answers to several docs' ``bizsre_instances``."""
+    from lm_eval_xke.tasks.bizsre.utils import process_results
+
+    by_doc: dict[int, list] = {}
+    for instance, answer in zip(instances, answers, strict=True):
+        by_doc.setdefault(instance.doc_id, []).append(answer)
+    return {index: process_results(docs[index], mine) for index, mine in by_doc.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("n", type=int, help="number of English Bi-ZsRE records")
