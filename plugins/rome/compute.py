@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from lm_eval_xke.backends.hf import project_reads
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
 from lm_eval_xke.stats import pad_right
@@ -275,24 +276,6 @@ def build_value_batch(tokenizer, request: EditRequest, templates: Sequence[str],
 #: ``delta -> log-probs [n_reads, vocab]`` of a value batch with ``delta`` added at the fact tokens (None: nothing).
 #: ``delta`` is one vector for every row or one per row (``[rows, d_out]``).
 LogProbs = Callable[[torch.Tensor | None], torch.Tensor]
-
-
-@contextlib.contextmanager
-def project_reads(model, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
-    """Let the output embedding project only the hidden states the loss reads: logits ``[1, n_reads, vocab]``.
-
-    Projecting every position onto the vocabulary is a large share of the cost (a fifth of SmolLM2's FLOPs) and of
-    the memory; a stack of many edits' rows reads a handful of positions per row, each row at its own columns.
-    """
-
-    def hook(_module, args):
-        return (args[0][rows, cols][None], *args[1:])
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _with_delta(module, positions: Sequence[int], delta: torch.Tensor | None) -> contextlib.AbstractContextManager:
