@@ -10,7 +10,7 @@ from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.alphaedit import AlphaEditEditor
 from lm_eval_xke.plugins.alphaedit.compute import null_space_projection, projected_update
 from lm_eval_xke.plugins.memit import MemitEditor
-from lm_eval_xke.plugins.memit.compute import least_squares_update
+from lm_eval_xke.plugins.memit.compute import compute_ks, least_squares_update
 from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 # A random tiny model's values are tiny (||v_init|| ~ 0.02): no decay, a loose clamp, few templates, a small corpus.
@@ -91,6 +91,20 @@ def test_alphaedit_update_leaves_the_preserved_keys_unchanged():
     with_p = residual.T @ projected_update(keys, projection, gram, alpha=1.0)
     without = residual.T @ projected_update(keys, projection, torch.zeros_like(gram), alpha=1.0)
     assert (with_p @ earlier.T).norm() < (without @ earlier.T).norm()
+
+
+def test_keys_weigh_each_template_group_equally_as_the_memit_code(tiny):
+    """MEMIT averages the keys per group (the bare prompt; the prefixes of one length), then over the groups."""
+    model, tokenizer = tiny
+    module = model.get_submodule("model.layers.1.mlp.down_proj")
+    request, templates = requests()[:1], ["{}", "Once upon a time. {}", "The war. {}"]
+    each = torch.cat([compute_ks(model, tokenizer, module, request, [t], [1], "subject_last") for t in templates])
+    grouped = compute_ks(model, tokenizer, module, request, templates, [1, 2], "subject_last")
+    assert torch.allclose(grouped[0], each[0] / 2 + (each[1] + each[2]) / 4, atol=1e-6)
+    flat = compute_ks(model, tokenizer, module, request, templates, [3], "subject_last")
+    assert torch.allclose(flat[0], each.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="do not add up"):
+        compute_ks(model, tokenizer, module, request, templates, [1, 1], "subject_last")
 
 
 # ---------------------------------------------------------------- the editors

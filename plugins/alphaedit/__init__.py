@@ -66,7 +66,9 @@ class AlphaEditEditor(MemitEditor):
         # ~94 MB on SmolLM2, which 100 sequential edits turned into ~9 GB; the same product is subtracted on restore
         added = {}
         for name in hp.module_names():
-            keys = compute_ks(model, tokenizer, model.get_submodule(name), requests, templates, hp.fact_token).double()
+            keys = compute_ks(
+                model, tokenizer, model.get_submodule(name), requests, templates, hp.template_groups(), hp.fact_token
+            ).double()
             added[name] = keys
             preserved[name] = preserved.get(name, 0) + keys.T @ keys
 

@@ -88,7 +88,9 @@ class MemitEditor(RomeEditor):
                 layers = []
                 for i, name in enumerate(hp.module_names()):
                     module = model.get_submodule(name)
-                    keys = compute_ks(model, tokenizer, module, requests, templates, hp.fact_token)
+                    keys = compute_ks(
+                        model, tokenizer, module, requests, templates, hp.template_groups(), hp.fact_token
+                    )
                     targets = z - residual_at_fact(model, tokenizer, block, requests, hp.fact_token)
                     residual = spread_residual(targets, len(hp.layers) - i)
                     key_side = self.key_side(model, name, keys, mom2[name], hp)

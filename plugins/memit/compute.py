@@ -22,9 +22,22 @@ from lm_eval_xke.stats import pad_right
 
 @torch.no_grad()
 def compute_ks(
-    model, tokenizer, module, requests: Sequence[EditRequest], templates: Sequence[str], fact_token: str
+    model,
+    tokenizer,
+    module,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    groups: Sequence[int],
+    fact_token: str,
 ) -> torch.Tensor:
-    """``K``: per request, the module's input at the fact token averaged over the context templates, ``[n, d_in]``."""
+    """``K``: per request, the module's input at the fact token, ``[n, d_in]``: the mean over the template groups
+    (``groups``: their sizes, in order) of each group's mean, as the MEMIT code averages them.
+
+    The bare prompt is a group of its own, so with MEMIT's templates (the bare prompt and 5 prefixes of 10 tokens)
+    it weighs 1/2, not 1/6: the key stays close to the bare prompt's, which is the one the edit is asked on.
+    """
+    if sum(groups) != len(templates):
+        raise ValueError(f"template groups {list(groups)} do not add up to the {len(templates)} templates")
     texts, positions = [], []
     for request in requests:
         for template in templates:
@@ -36,7 +49,8 @@ def compute_ks(
     inputs = record["input"]
     rows = torch.arange(len(texts), device=inputs.device)
     keys = inputs[rows, torch.tensor(positions, device=inputs.device)].float()
-    return keys.view(len(requests), len(templates), -1).mean(1)
+    group_means = [part.mean(1) for part in keys.view(len(requests), len(templates), -1).split(list(groups), dim=1)]
+    return torch.stack(group_means, dim=1).mean(1)
 
 
 @torch.no_grad()

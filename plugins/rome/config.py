@@ -84,6 +84,11 @@ class ValueHyperParams(HyperParams):
     # not `seed`: that model_arg is taken by the xke model itself and would never reach the editor
     template_seed: int = field(default=0, metadata={"help": "seed of the context-template sampling"})
 
+    def template_groups(self) -> list[int]:
+        """Sizes of the context-template groups, in ``generate_context_templates``' order: the bare prompt, then
+        ``context_templates_per_length`` prefixes per length."""
+        return [1, *[self.context_templates_per_length] * len(self.context_template_lengths)]
+
 
 @dataclass
 class RomeHyperParams(ValueHyperParams):
