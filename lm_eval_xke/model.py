@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase
@@ -99,6 +100,18 @@ class XKELM(LM):
     ``xke_*`` task options, and every argument of the backend (`hf`: those of lm-eval's HFLM; `vllm`: those of
     HFLM for the editing model plus vLLM's ``EngineArgs`` fields).
     """
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> XKELM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> XKELM:
+        """lm-eval's CLI always adds ``batch_size`` and ``device`` (default ``cuda:0``), which lm-eval's own version
+        of this method turns into a "got multiple values" TypeError when model_args names them too: here the
+        model_args value wins (the CLI cannot tell its defaults from what the user typed)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     def __init__(
         self,

@@ -85,6 +85,19 @@ def test_bad_model_arg_is_one_line_naming_it(name, tiny_llama_dir, config_dir, x
     assert_no_deep_traceback(info.value)
 
 
+def test_device_and_batch_size_in_model_args_win_over_the_cli_defaults(
+    tiny_llama_dir, data_dir, xke_tasks, monkeypatch
+):
+    """The CLI always passes device=cuda:0 and batch_size=1; naming them in model_args too is no TypeError."""
+    monkeypatch.setenv("XKE_DATA_DIR", str(data_dir))
+    model_args = f"pretrained={tiny_llama_dir},device=cpu,batch_size=2,editor=none,journal=off"
+    out = simple_evaluate(
+        model="xke", model_args=model_args, device="cuda:0", batch_size=1, tasks=["bizsre_en"], task_manager=xke_tasks,
+        limit=1,
+    )  # fmt: skip
+    assert "reliability_en_em,none" in out["results"]["bizsre_en"]
+
+
 @pytest.mark.parametrize("traceback_wanted", [False, True], ids=["one_line", "XKE_TRACEBACK"])
 def test_the_cli_user_sees_one_line(tiny_llama_dir, config_dir, data_dir, traceback_wanted):
     env = {**os.environ, "XKE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
