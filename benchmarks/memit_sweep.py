@@ -106,6 +106,12 @@ def main() -> None:
             f1 = 100 * statistics.mean(r[f"{role}_en_f1"] for r in results)
             cells.append(f"{em:5.0f}/{f1:5.1f}")
         print(f"{layers:<22} {per_width:12.2f} {seconds:8.0f} " + " ".join(f"{c:>12}" for c in cells), flush=True)
+    values = list(MemoisedValuesMemit.values.values())
+    print(
+        f"values: {sum(v.plain_right for v in values)} of {len(values)} make the bare prompt state the whole target "
+        f"(argmax, at the last edited layer, before any spread); median {statistics.median(v.steps for v in values)} "
+        "optimisation steps"
+    )
 
 
 if __name__ == "__main__":
