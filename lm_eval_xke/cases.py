@@ -18,7 +18,14 @@ PROTOCOLS = ("teacher_forced", "generate")
 #: model_args with this prefix are task options: lm-eval hands model_args to the tasks as metadata
 TASK_OPTION_PREFIX = "xke_"
 #: options that each task YAML fixes (a model_arg of that name would override the task's own value)
-TASK_FIXED_OPTIONS = ("xke_edit_lang", "xke_protocol", "xke_mlake_test_lang")
+TASK_FIXED_OPTIONS = (
+    "xke_edit_lang",
+    "xke_protocol",
+    "xke_mlake_test_lang",
+    "xke_bmike53_dataset",
+    "xke_bmike53_lang",
+    "xke_user_data",
+)
 
 Phase = Literal["pre", "post", "final"]
 #: metric-name suffix of questions asked again after the last edit of a sequential run (the forgetting curve)

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from lm_eval.api.instance import Instance
+from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
 from lm_eval_xke.cases import EditCase
+from lm_eval_xke.failed_edits import failed_answer
 
 
 class EditCaseTask(ConfigurableTask):
@@ -57,3 +59,18 @@ class EditCaseTask(ConfigurableTask):
                 Instance(request_type=self.OUTPUT_TYPE, doc=doc, arguments=arguments, idx=idx, metadata=metadata)
             )
         return instances
+
+
+class ParallelEditTask(EditCaseTask):
+    """An edit-case task whose metric keys follow from its docs: the test languages are a run option
+    (``xke_test_langs``), so the YAML cannot list them. Every key is a mean over cases; ``old_answer_*`` is the
+    one where lower is better. The keys are those ``process_results`` gives a case whose every answer failed."""
+
+    def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        doc = next(iter(self.test_docs()))
+        case = EditCase.from_doc(doc["xke"])
+        probe = [failed_answer(self.OUTPUT_TYPE, ("", q.answers[0]), "metric keys") for q in case.questions]
+        keys = list(self.config.process_results(doc, probe))
+        self._aggregation_list = {key: mean for key in keys}
+        self._higher_is_better = {key: not key.startswith("old_answer_") for key in keys}
