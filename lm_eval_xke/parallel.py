@@ -229,9 +229,9 @@ def locate_subject(prompt: str, subject: str, lang: str) -> tuple[str, str]:
     """The subject as it occurs in ``prompt``, and how: ``exact``, ``casefold``, ``fuzzy`` or ``whole_prompt``.
 
     ``fuzzy`` (a translated subject inflected in its prompt, e.g. Russian "Москва" in "... Москвы?") is the span of
-    about the subject's length, in words or (unspaced scripts) characters, with the highest
-    ``difflib.SequenceMatcher`` ratio to the subject (case-folded; the first of equal ones), its edge punctuation
-    stripped. When no span reaches ``FUZZY_MIN_RATIO`` (the translation changed the script or the words), the
+    about the subject's length, in words or (unspaced scripts) characters, that has the most characters in common
+    with the subject (``difflib`` matching blocks, case-folded), then the closest length, then comes first; its edge
+    punctuation stripped. When no span reaches ``FUZZY_MIN_RATIO`` (the translation changed the script or the words), the
     subject is the whole prompt, so locate-then-edit editors (ROME family), which need the subject's last token
     inside the prompt, read the key at the prompt's last token.
     """
@@ -241,7 +241,7 @@ def locate_subject(prompt: str, subject: str, lang: str) -> tuple[str, str]:
     if len(folded) == len(prompt) and target in folded:
         start = folded.index(target)
         return prompt[start : start + len(subject)], "casefold"
-    best, best_span = -1.0, (0, len(prompt))
+    best, best_span, best_ratio = (-1, 0), (0, len(prompt)), 0.0
     matcher = difflib.SequenceMatcher(autojunk=False)
     matcher.set_seq2(target)
     for start, end in _candidate_spans(prompt, subject, lang):
@@ -249,10 +249,11 @@ def locate_subject(prompt: str, subject: str, lang: str) -> tuple[str, str]:
         if s >= e:
             continue
         matcher.set_seq1(prompt[s:e].casefold())
-        ratio = matcher.ratio()
-        if ratio > best:
-            best, best_span = ratio, (s, e)
-    if best < FUZZY_MIN_RATIO:  # nothing alike (a subject left in Latin script in a Japanese prompt): no span
+        matched = sum(block.size for block in matcher.get_matching_blocks())
+        rank = (matched, -abs((e - s) - len(subject)))  # most characters in common, then the closest length
+        if rank > best:
+            best, best_span, best_ratio = rank, (s, e), matcher.ratio()
+    if best_ratio < FUZZY_MIN_RATIO:  # nothing alike (a subject left in Latin script in a Japanese prompt): no span
         s, e = _strip_span(prompt, 0, len(prompt))
         return (prompt[s:e] if s < e else prompt), "whole_prompt"
     s, e = _strip_span(prompt, *best_span)

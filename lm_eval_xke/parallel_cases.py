@@ -20,6 +20,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
@@ -37,6 +38,7 @@ from lm_eval_xke.data import RecordError
 from lm_eval_xke.failed_edits import is_failed_answer
 from lm_eval_xke.metrics import F1_FORMULAS, exact_match, normalized_em, normalized_f1, token_f1
 from lm_eval_xke.parallel import ROLE_FIELDS, ParallelRow, ParallelTable, locate_subject
+from lm_eval_xke.parallel_data import load_user_table
 
 log = logging.getLogger("lm_eval.tasks.xke")
 
@@ -49,7 +51,7 @@ FAILED_SCORE = {"old_answer": 1.0}
 METRICS = ("em", "f1")
 
 
-def test_langs_option(value: Any, available: Sequence[str], default: Sequence[str]) -> tuple[str, ...]:
+def parse_test_langs(value: Any, available: Sequence[str], default: Sequence[str]) -> tuple[str, ...]:
     """``xke_test_langs``: ``all``, or languages separated by ``|`` (model_args split on commas); else ``default``."""
     if value is None or str(value).strip() == "":
         return tuple(default)
@@ -259,3 +261,22 @@ def _dropped_line(table: ParallelTable) -> str:
         f"{lang}: {', '.join(f'{r} {n}' for r, n in reasons.items())}" for lang, reasons in per_lang.items()
     )
     return f"{len(table.report.dropped_indices)} of {table.report.records} records left out ({detail})"
+
+
+def user_dataset(base: Path, options: Mapping[str, Any]) -> DatasetDict:
+    """The docs of a user's task folder (``templates/multilingual_task``): ``xke_user_data`` describes the files
+    (``parallel_data.load_user_table``), ``xke_edit_lang`` the edit language; ``xke_test_langs`` (default: every
+    language of the data) and ``xke_data_file`` (another file or folder) as for the shipped benchmarks."""
+    spec = options.get("xke_user_data")
+    if not isinstance(spec, Mapping):
+        raise ValueError("the task's metadata needs xke_user_data (see templates/multilingual_task/README.md)")
+    table_langs = tuple(str(lang) for lang in spec.get("languages") or ())
+    edit_lang = str(options.get("xke_edit_lang"))
+    if edit_lang not in table_langs:
+        raise ValueError(f"xke_edit_lang {edit_lang!r} is not among xke_user_data.languages {list(table_langs)}")
+    langs = ordered_langs(
+        edit_lang, parse_test_langs(options.get("xke_test_langs"), table_langs, table_langs), table_langs
+    )
+    table = load_user_table(dict(spec), langs, base, options.get("xke_data_file"))
+    label = f"{table.name} ({', '.join(sorted(table.files))})"
+    return table_dataset(table, edit_lang, langs, options, label)

@@ -12,7 +12,7 @@ from typing import Any
 from datasets import DatasetDict
 
 from lm_eval_xke.data import flag_option
-from lm_eval_xke.parallel_cases import ordered_langs, process_results, table_dataset, test_langs_option
+from lm_eval_xke.parallel_cases import ordered_langs, process_results, table_dataset, parse_test_langs
 from lm_eval_xke.parallel_data import BMIKE53_DATASETS, BMIKE53_LANGS, load_bmike53
 
 __all__ = ["load_dataset", "process_results"]
@@ -30,7 +30,7 @@ def load_dataset(**options: Any) -> DatasetDict:
     if dataset not in BMIKE53_DATASETS or lang not in BMIKE53_LANGS:
         raise ValueError(f"no BMIKE-53 task for dataset {dataset!r} and language {lang!r}")
     edit_lang = lang if flag_option(options, "xke_reverse") else "en"
-    test = test_langs_option(options.get("xke_test_langs"), BMIKE53_LANGS, ("en", lang))
+    test = parse_test_langs(options.get("xke_test_langs"), BMIKE53_LANGS, ("en", lang))
     langs = ordered_langs(edit_lang, test, BMIKE53_LANGS)
     table = load_bmike53(dataset, langs, options.get("xke_data_file"))
     label = f"bmike53/{BMIKE53_DATASETS[dataset][0]} ({len(table.files)} language file(s) joined by case_id)"

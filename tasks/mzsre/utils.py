@@ -10,7 +10,7 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from lm_eval_xke.parallel_cases import ordered_langs, process_results, table_dataset, test_langs_option
+from lm_eval_xke.parallel_cases import ordered_langs, process_results, table_dataset, parse_test_langs
 from lm_eval_xke.parallel_data import MZSRE_LANGS, load_mzsre
 
 __all__ = ["load_dataset", "process_results"]
@@ -26,7 +26,7 @@ def load_dataset(**options: Any) -> DatasetDict:
     edit_lang = str(options["xke_edit_lang"])
     if edit_lang not in MZSRE_LANGS:
         raise ValueError(f"xke_edit_lang must be one of {' '.join(MZSRE_LANGS)}, got {edit_lang!r}")
-    test = test_langs_option(options.get("xke_test_langs"), MZSRE_LANGS, MZSRE_LANGS)
+    test = parse_test_langs(options.get("xke_test_langs"), MZSRE_LANGS, MZSRE_LANGS)
     langs = ordered_langs(edit_lang, test, MZSRE_LANGS)
     table = load_mzsre(langs, options.get("xke_data_file"))
     return table_dataset(table, edit_lang, langs, options, f"mzsre ({len(table.files)} pair files joined by index)")

@@ -1,0 +1,219 @@
+"""Parallel tables: joins, defects, subject location, the shared scoring, MzsRE / BMIKE-53 on the real data, and a
+user's own multilingual files through the stock `lm_eval` CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm_eval_xke.cases import EditCase
+from lm_eval_xke.failed_edits import failed_answer
+from lm_eval_xke.parallel import ZSRE_FIELD_MAP, JoinError, join, locate_subject
+from lm_eval_xke.parallel_cases import process_results, table_dataset, parse_test_langs
+from lm_eval_xke.parallel_data import load_bmike53, load_mzsre
+from lm_eval_xke.tasks import _generate_configs
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "templates" / "multilingual_task"
+LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
+
+
+def block(subject: str, src: str, alt: str, **more: str) -> dict:
+    return {"subject": subject, "src": src, "alt": alt, "rephrase": f"{src} (again)", "loc": "Water boils at",
+            "loc_ans": "100", "portability": {"New Question": f"Why {subject}?", "New Answer": "because"}, **more}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the generated task YAMLs
+
+
+def test_generated_task_yamls_are_committed_as_generated():
+    expected = _generate_configs.all_files()
+    for rel, text in expected.items():
+        assert (REPO / "tasks" / rel).read_text(encoding="utf-8") == text, f"{rel}: run tasks/_generate_configs.py"
+    generated = {
+        str(p.relative_to(REPO / "tasks"))
+        for p in (REPO / "tasks").rglob("*.yaml")
+        if p.read_text(encoding="utf-8").startswith(_generate_configs.HEADER)
+    }
+    assert generated == set(expected)  # no stale generated task left behind
+    assert len([r for r in expected if "/mzsre_" in r]) == 24 and len([r for r in expected if "/bmike53_" in r]) == 318
+
+
+# ---------------------------------------------------------------- subjects in prompts
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject", "lang", "found", "how"),
+    [
+        ("Where was Ada Lovelace born?", "Ada Lovelace", "en", "Ada Lovelace", "exact"),
+        ("Where was ada lovelace born?", "Ada Lovelace", "en", "ada lovelace", "casefold"),
+        ("Какой тип голоса у Марии Ивановой?", "Мария Иванова", "ru", "Марии Ивановой", "fuzzy"),
+        ("Kolik obyvatel žije v Praze?", "Praha", "cs", "Praze", "fuzzy"),
+        ("伊娃·史密斯出生在哪个城市？", "伊娃·史密特", "zh", "伊娃·史密斯", "fuzzy"),
+        (
+            "エヴァ・スミスはどこで生まれましたか？",
+            "Eva Smith",
+            "ja",
+            "エヴァ・スミスはどこで生まれましたか",
+            "whole_prompt",
+        ),
+    ],
+)
+def test_locate_subject(prompt, subject, lang, found, how):
+    assert locate_subject(prompt, subject, lang) == (found, how)
+    assert found in prompt
+
+
+# ---------------------------------------------------------------- joins and their report
+
+
+def test_join_keeps_complete_records_and_counts_the_rest_per_language():
+    records = [
+        (0, "a", {"en": block("Ada", "Ada plays", "chess"), "de": block("Ada", "Ada spielt", "Schach")}),
+        (1, "b", {"en": block("Bob", "Bob plays", "go")}),  # no German block
+        (2, "c", {"en": block("Cy", "Cy plays", "golf"), "de": block("Cy", "Cy spielt", " ")}),  # empty field
+        (3, "d", {"en": block("Di", "Di plays", "polo"), "de": "not a block"}),
+    ]
+    table = join("t", records, ["en", "de"], ZSRE_FIELD_MAP, {"f": {"file": "f", "sha256": "0"}})
+    assert [row.key for row in table.rows] == ["a"]
+    assert table.rows[0].blocks["de"]["port"] == "Why Ada?"  # nested field path
+    assert table.roles == ("reliability", "generality", "locality", "portability")
+    report = table.report.as_dict(len(table.rows))
+    assert report["dropped_per_lang"] == {
+        "de": {"block is not an object": 1, "field 'alt' empty": 1, "language block missing": 1}
+    }
+    assert report["dropped_indices"] == [1, 2, 3] and report["records_in_table"] == 4
+
+
+def test_a_language_missing_everywhere_is_a_clear_error():
+    records = [(0, "a", {"en": block("Ada", "Ada plays", "chess")})]
+    table = join("t", records, ["en", "de"], ZSRE_FIELD_MAP, {})
+    with pytest.raises(ValueError, match=r"no record has a usable block in every language asked \(en, de\)"):
+        table_dataset(table, "en", ["en", "de"], {"xke_protocol": "teacher_forced"}, "t")
+
+
+def test_parse_test_langs():
+    assert parse_test_langs(None, ("en", "de", "fr"), ("en", "de")) == ("en", "de")
+    assert parse_test_langs("all", ("en", "de", "fr"), ("en",)) == ("en", "de", "fr")
+    assert parse_test_langs("fr|de", ("en", "de", "fr"), ("en",)) == ("fr", "de")
+    with pytest.raises(ValueError, match="xke_test_langs: xx not in this benchmark"):
+        parse_test_langs("de|xx", ("en", "de"), ("en",))
+
+
+def _mzsre_folder(root: Path, langs: dict[str, str], english_override: dict | None = None) -> Path:
+    folder = root / "mzsre"
+    folder.mkdir(parents=True)
+    for code, word in langs.items():
+        items = []
+        for i in range(3):
+            en = block(f"S{i}", f"Where is S{i}?", f"City{i}")
+            if english_override and code in english_override and i == 1:
+                en = {**en, **english_override[code]}
+            items.append({"en": en, code: block(f"S{i}", f"{word} S{i}?", f"City{i}")})
+        (folder / f"mzsre_test_duplicate_en{code}.json").write_text(json.dumps(items), encoding="utf-8")
+    return root
+
+
+def test_mzsre_joins_by_index_under_iso_codes(tmp_path):
+    root = _mzsre_folder(tmp_path, {"de": "Wo ist", "cz": "Kde je", "zh": "在哪里"})
+    table = load_mzsre(["en", "cs", "de", "zh"], root)
+    assert table.langs == ("en", "cs", "de", "zh") and len(table.rows) == 3
+    assert table.rows[2].blocks["cs"]["src"] == "Kde je S2?"
+    assert sorted(table.files) == ["mzsre_test_duplicate_encz.json", "mzsre_test_duplicate_ende.json",
+                                   "mzsre_test_duplicate_enzh.json"]  # fmt: skip
+
+
+def test_mzsre_refuses_pair_files_that_are_not_one_table(tmp_path):
+    root = _mzsre_folder(tmp_path, {"de": "Wo ist", "zh": "在哪里"}, {"zh": {"alt": "Elsewhere"}})
+    with pytest.raises(JoinError, match=r"MzsRE record 1: the English block of mzsre_test_duplicate_enzh.json: "
+                                        r"field 'alt' differs \('City1' vs 'Elsewhere'\)"):  # fmt: skip
+        load_mzsre(["en", "de", "zh"], root)
+
+
+def test_mzsre_needs_a_folder_not_one_file(tmp_path):
+    root = _mzsre_folder(tmp_path, {"de": "Wo ist"})
+    with pytest.raises(ValueError, match="is a file, but this benchmark is read from several files"):
+        load_mzsre(["en", "de"], root / "mzsre" / "mzsre_test_duplicate_ende.json")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _readout(answer: str, target: str) -> tuple:
+    ids = [ord(c) for c in answer]
+    out = {"answer": answer, "target": target, "answer_ids": ids, "target_ids": [ord(c) for c in target]}
+    return (-1.0, answer == target, json.dumps(out))
+
+
+def test_scores_cross_lingual_means_and_old_answer(tmp_path):
+    blocks = {
+        lang: {**block("Ada", f"Ada {lang}?", f"new-{lang}"), "old": f"old-{lang}"} for lang in ("en", "de", "fr")
+    }
+    fields = {**ZSRE_FIELD_MAP, "old": "old"}
+    table = join("t", [(0, "k", blocks)], ["en", "de", "fr"], fields, {"f": {"file": "f", "sha256": "0"}})
+    (doc,) = table_dataset(table, "de", ["en", "de", "fr"], {"xke_protocol": "teacher_forced"}, "t")["test"]
+    case = EditCase.from_doc(doc["xke"])
+    order = [(q.role, q.lang, q.phase) for q in case.questions]
+    assert order[:3] == [("reliability", "de", "post"), ("reliability", "en", "post"), ("reliability", "fr", "post")]
+    assert order[-3:] == [("old_answer", "en", "post"), ("old_answer", "de", "post"), ("old_answer", "fr", "post")]
+
+    def answer(q):  # right in en, wrong in fr; the old answer still given in fr
+        if q.role == "old_answer":
+            return _readout(q.answers[0] if q.lang == "fr" else "x", q.answers[0])
+        return _readout(q.answers[0] if q.lang != "fr" else "x", q.answers[0])
+
+    scores = process_results(doc, [answer(q) for q in case.questions])
+    assert scores["reliability_en_em"] == 1.0 and scores["reliability_fr_em"] == 0.0
+    assert scores["reliability_xavg_em"] == 0.5  # en and fr, not the edit language de
+    assert scores["old_answer_xavg_em"] == 0.5 and scores["old_answer_de_em"] == 0.0
+    failed = process_results(doc, [failed_answer("loglikelihood", ("", q.answers[0]), "boom") for q in case.questions])
+    assert failed["old_answer_fr_em"] == 1.0 and failed["reliability_fr_em"] == 0.0 and failed["locality_xavg_f1"] == 0
+
+
+# ---------------------------------------------------------------- the real benchmarks
+
+
+def test_bmike53_real_defects_are_counted_not_crashed_on(data_dir):
+    he = load_bmike53("zsre", ["en", "he"], data_dir)
+    assert len(he.rows) == 743 - 39
+    assert he.report.as_dict(len(he.rows))["dropped_per_lang"] == {"he": {"language block missing": 39}}
+    wfd = load_bmike53("wfd", ["en", "de"], data_dir)
+    assert len(wfd.rows) == 779 and wfd.roles[-1] == "old_answer"
+    assert wfd.report.as_dict(len(wfd.rows))["dropped_per_lang"]["en"] == {"field 'loc_ans' empty": 5}
+
+
+def test_mzsre_real_table_has_twelve_languages(data_dir):
+    table = load_mzsre(("en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"), data_dir)
+    assert len(table.rows) == 743 and len(table.files) == 11 and not table.report.dropped_indices
+
+
+# ---------------------------------------------------------------- a user's own files, no code
+
+
+def test_users_multilingual_files_run_through_lm_eval(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "mytask"
+    shutil.copytree(TEMPLATE, folder)
+    (folder / "mybench_ml_en.yaml").rename(folder / "mybench_ml_de.yaml")
+    yaml = (folder / "mybench_ml_de.yaml").read_text(encoding="utf-8")
+    (folder / "mybench_ml_de.yaml").write_text(
+        yaml.replace("task: mybench_ml_en", "task: mybench_ml_de").replace("xke_edit_lang: en", "xke_edit_lang: de"),
+        encoding="utf-8",
+    )
+    args = ["--include_path", str(folder), "--tasks", "mybench_ml_de", "--model", "xke", "--output_path",
+            str(tmp_path / "out"), "--log_samples", "--model_args", f"pretrained={tiny_llama_dir},editor=none"]  # fmt: skip
+    done = subprocess.run([LM_EVAL, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text(encoding="utf-8"))
+    metrics = results["results"]["mybench_ml_de"]
+    for key in ("reliability_de_em", "reliability_fr_f1", "generality_en_em", "locality_xavg_em"):
+        assert f"{key},none" in metrics
+    assert not any(k.startswith("portability") for k in metrics)  # the data has no portability fields
+    assert results["n-samples"]["mybench_ml_de"]["effective"] == 2
+    (data,) = results["config"]["xke"]["data"]
+    assert data["join"]["dropped_per_lang"] == {"fr": {"field 'target_new' empty": 1}}
+    assert data["edit_lang"] == "de" and data["test_langs"] == ["en", "de", "fr"]
