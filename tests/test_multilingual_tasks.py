@@ -14,7 +14,7 @@ import pytest
 from lm_eval_xke.cases import EditCase
 from lm_eval_xke.failed_edits import failed_answer
 from lm_eval_xke.parallel import ZSRE_FIELD_MAP, JoinError, join, locate_subject
-from lm_eval_xke.parallel_cases import process_results, table_dataset, parse_test_langs
+from lm_eval_xke.parallel_cases import parse_test_langs, process_results, table_dataset
 from lm_eval_xke.parallel_data import load_bmike53, load_mzsre
 from lm_eval_xke.tasks import _generate_configs
 
@@ -24,8 +24,9 @@ LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
 
 
 def block(subject: str, src: str, alt: str, **more: str) -> dict:
+    portability = {"New Question": f"Why {subject}?", "New Answer": "because"}
     return {"subject": subject, "src": src, "alt": alt, "rephrase": f"{src} (again)", "loc": "Water boils at",
-            "loc_ans": "100", "portability": {"New Question": f"Why {subject}?", "New Answer": "because"}, **more}  # fmt: skip
+            "loc_ans": "100", "portability": portability, **more}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the generated task YAMLs
@@ -204,8 +205,9 @@ def test_users_multilingual_files_run_through_lm_eval(tiny_llama_dir, tmp_path):
         yaml.replace("task: mybench_ml_en", "task: mybench_ml_de").replace("xke_edit_lang: en", "xke_edit_lang: de"),
         encoding="utf-8",
     )
+    model_args = f"pretrained={tiny_llama_dir},editor=none"
     args = ["--include_path", str(folder), "--tasks", "mybench_ml_de", "--model", "xke", "--output_path",
-            str(tmp_path / "out"), "--log_samples", "--model_args", f"pretrained={tiny_llama_dir},editor=none"]  # fmt: skip
+            str(tmp_path / "out"), "--log_samples", "--model_args", model_args]  # fmt: skip
     done = subprocess.run([LM_EVAL, *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text(encoding="utf-8"))

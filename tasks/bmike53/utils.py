@@ -12,7 +12,7 @@ from typing import Any
 from datasets import DatasetDict
 
 from lm_eval_xke.data import flag_option
-from lm_eval_xke.parallel_cases import ordered_langs, process_results, table_dataset, parse_test_langs
+from lm_eval_xke.parallel_cases import ordered_langs, parse_test_langs, process_results, table_dataset
 from lm_eval_xke.parallel_data import BMIKE53_DATASETS, BMIKE53_LANGS, load_bmike53
 
 __all__ = ["load_dataset", "process_results"]

@@ -10,7 +10,7 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from lm_eval_xke.parallel_cases import ordered_langs, process_results, table_dataset, parse_test_langs
+from lm_eval_xke.parallel_cases import ordered_langs, parse_test_langs, process_results, table_dataset
 from lm_eval_xke.parallel_data import MZSRE_LANGS, load_mzsre
 
 __all__ = ["load_dataset", "process_results"]
