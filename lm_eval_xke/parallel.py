@@ -232,8 +232,8 @@ def locate_subject(prompt: str, subject: str, lang: str) -> tuple[str, str]:
     about the subject's length, in words or (unspaced scripts) characters, that has the most characters in common
     with the subject (``difflib`` matching blocks, case-folded), then the closest length, then comes first; its edge
     punctuation stripped. When no span reaches ``FUZZY_MIN_RATIO`` (the translation changed the script or the
-    words), the subject is the whole prompt, so locate-then-edit editors (ROME family), which need the subject's last token
-    inside the prompt, read the key at the prompt's last token.
+    words), the subject is the whole prompt, so locate-then-edit editors (ROME family), which need the subject's
+    last token inside the prompt, read the key at the prompt's last token.
     """
     if subject in prompt:
         return subject, "exact"
