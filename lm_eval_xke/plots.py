@@ -1,7 +1,9 @@
-"""`lm-eval-xke plot transfer`: the MLaKE edit-language x test-language matrix from lm-eval results files.
+"""`lm-eval-xke plot transfer`: the edit-language x test-language matrix from lm-eval results files.
 
 Reads one ``results_*.json`` or every one under a folder (the newest file wins for a task that appears twice),
-takes ``<role>_<test>_<metric>`` of the tasks ``<family>_<edit>``, prints a markdown table and draws a heatmap.
+takes ``<role>_<test>_<metric>`` of a family's tasks (MLaKE, MzsRE, BMIKE-53), prints a markdown table and draws a
+heatmap. A task's edit language is its ``xke_edit_lang`` (BMIKE-53: English, or ``<lang>`` under ``xke_reverse``);
+cells that several tasks fill (BMIKE-53's English-to-English) are their mean weighted by sample count.
 """
 
 from __future__ import annotations
@@ -10,29 +12,60 @@ import argparse
 import json
 import math
 import os
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_xke.data import MLAKE_LANGS
+from lm_eval_xke.data import MLAKE_LANGS, flag_option
+from lm_eval_xke.parallel_data import BMIKE53_DATASETS, BMIKE53_LANGS, MZSRE_LANGS
 
-FAMILY_METRICS = {"mlake": ("contains", "em"), "mlake_mc": ("acc",)}
+
+@dataclass(frozen=True)
+class Family:
+    """Tasks whose names match ``pattern`` (group 1: the edit language in the name), on the axis ``langs``."""
+
+    title: str
+    pattern: str
+    langs: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+
+FAMILIES = {
+    "mlake": Family("MLaKE", r"mlake_([a-z]+)", MLAKE_LANGS, ("contains", "em")),
+    "mlake_mc": Family("MLaKE", r"mlake_mc_([a-z]+)", MLAKE_LANGS, ("acc",)),
+    "mzsre": Family("MzsRE", r"mzsre_([a-z]+)", MZSRE_LANGS, ("em", "f1")),
+    "mzsre_gen": Family("MzsRE", r"mzsre_([a-z]+)_gen", MZSRE_LANGS, ("em", "f1")),
+    **{
+        f"bmike53_{name}{suffix}": Family(
+            f"BMIKE-53 {folder}", rf"bmike53_{name}_([a-z]+){suffix}", BMIKE53_LANGS, ("em", "f1")
+        )
+        for name, (folder, _) in BMIKE53_DATASETS.items()
+        for suffix in ("", "_gen")
+    },
+}
+#: a family of more languages than this shows only the rows and columns its results fill
+FULL_AXIS_MAX = 12
+ROLES = ("reliability", "generality", "locality", "portability", "old_answer")
 
 
 @dataclass(frozen=True)
 class TransferMatrix:
-    """``values[edit][test]`` (NaN where a task was not run), the editor/model names and docs per edit language."""
+    """``values[edit][test]`` (NaN where no task filled it), the axis languages, editor/model, docs per edit."""
 
     values: dict[str, dict[str, float]]
     counts: dict[str, int]
     editor: str
     model: str
     label: str
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    family_title: str = "MLaKE"
 
     @property
     def title(self) -> str:
-        return f"MLaKE {self.label}: editor {self.editor}, model {self.model}"
+        return f"{self.family_title} {self.label}: editor {self.editor}, model {self.model}"
 
 
 def results_files(path: str | Path) -> list[Path]:
@@ -70,33 +103,55 @@ def _editor_name(config: dict) -> str:
     return str(xke.get("editor") or (args.get("editor") if isinstance(args, dict) else None) or "none")
 
 
+def _edit_lang(task: str, family: Family, config: dict) -> str:
+    """The edit language of ``task``: its metadata says (``xke_edit_lang``; BMIKE-53 edits in English unless
+    ``xke_reverse``), else the language in its name."""
+    meta = config.get("metadata") or {}
+    if meta.get("xke_edit_lang"):
+        return str(meta["xke_edit_lang"])
+    named = re.fullmatch(family.pattern, task).group(1)
+    if task.startswith("bmike53_"):
+        return named if flag_option(meta, "xke_reverse") else "en"
+    return named
+
+
 def transfer_matrix(
     files: list[Path], family: str = "mlake", metric: str = "contains", role: str = "reliability"
 ) -> TransferMatrix:
-    """The 5x5 matrix of ``<role>_<test>_<metric>`` over the tasks ``<family>_<edit>`` found in ``files``."""
-    tasks: dict[str, tuple[dict, int]] = {}
+    """The matrix of ``<role>_<test>_<metric>`` over the ``family``'s tasks found in ``files``."""
+    spec = FAMILIES[family]
+    tasks: dict[str, tuple[dict, int, str]] = {}
     editors, models = set(), set()
     for file in files:
         data: dict[str, Any] = json.loads(Path(file).read_text(encoding="utf-8"))
-        for edit in MLAKE_LANGS:
-            task = f"{family}_{edit}"
-            if task in data.get("results", {}):
+        for task, values in (data.get("results") or {}).items():
+            if re.fullmatch(spec.pattern, task) and re.fullmatch(spec.pattern, task).group(1) in spec.langs:
                 counts = (data.get("n-samples") or {}).get(task) or {}
-                tasks[task] = (data["results"][task], int(counts.get("effective", 0)))
+                edit = _edit_lang(task, spec, (data.get("configs") or {}).get(task) or {})
+                tasks[task] = (values, int(counts.get("effective", 0)), edit)
                 editors.add(_editor_name(data.get("config") or {}))
                 models.add(_model_name(data.get("config") or {}))
     if not tasks:
-        raise ValueError(f"no {family}_<lang> task in {', '.join(str(f) for f in files)}")
-    values = {
-        edit: {
-            test: float(tasks.get(f"{family}_{edit}", ({}, 0))[0].get(f"{role}_{test}_{metric},none", math.nan))
-            for test in MLAKE_LANGS
-        }
-        for edit in MLAKE_LANGS
-    }
-    counts = {edit: tasks.get(f"{family}_{edit}", ({}, 0))[1] for edit in MLAKE_LANGS}
+        raise ValueError(f"no {family} task in {', '.join(str(f) for f in files)}")
+    sums: dict[tuple[str, str], list[float]] = {}
+    counts: dict[str, int] = {}
+    for values, n, edit in tasks.values():
+        counts[edit] = counts.get(edit, 0) + n
+        for test in spec.langs:
+            value = values.get(f"{role}_{test}_{metric},none")
+            if isinstance(value, (int, float)):
+                cell = sums.setdefault((edit, test), [0.0, 0.0])
+                cell[0] += value * max(n, 1)
+                cell[1] += max(n, 1)
+    if len(spec.langs) <= FULL_AXIS_MAX:
+        rows = columns = spec.langs
+    else:
+        rows = tuple(lang for lang in spec.langs if lang in counts)
+        columns = tuple(lang for lang in spec.langs if any(test == lang for _, test in sums))
+    values = {e: {t: (sums[e, t][0] / sums[e, t][1]) if (e, t) in sums else math.nan for t in columns} for e in rows}
     label = f"{family} {role}_{metric}"
-    return TransferMatrix(values, counts, " / ".join(sorted(editors)), " / ".join(sorted(models)), label)
+    editor, model = " / ".join(sorted(editors)), " / ".join(sorted(models))
+    return TransferMatrix(values, counts, editor, model, label, rows, columns, spec.title)
 
 
 def _cell(value: float) -> str:
@@ -108,12 +163,12 @@ def markdown_table(matrix: TransferMatrix) -> str:
     lines = [
         f"**{matrix.title}** (percent; rows: edit language, columns: test language)",
         "",
-        "| edit \\ test | n | " + " | ".join(MLAKE_LANGS) + " |",
-        "|---|---:|" + "---:|" * len(MLAKE_LANGS),
+        "| edit \\ test | n | " + " | ".join(matrix.columns) + " |",
+        "|---|---:|" + "---:|" * len(matrix.columns),
     ]
-    for edit in MLAKE_LANGS:
-        cells = " | ".join(_cell(matrix.values[edit][test]) for test in MLAKE_LANGS)
-        lines.append(f"| {edit} | {matrix.counts[edit] or '–'} | {cells} |")
+    for edit in matrix.rows:
+        cells = " | ".join(_cell(matrix.values[edit][test]) for test in matrix.columns)
+        lines.append(f"| {edit} | {matrix.counts.get(edit) or '–'} | {cells} |")
     return "\n".join(lines)
 
 
@@ -124,19 +179,21 @@ def plot_heatmap(matrix: TransferMatrix, output: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [[100 * matrix.values[e][t] for t in MLAKE_LANGS] for e in MLAKE_LANGS]
-    fig, ax = plt.subplots(figsize=(6.4, 5.4))
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
-    ax.set_xticks(range(len(MLAKE_LANGS)), MLAKE_LANGS)
-    ax.set_yticks(range(len(MLAKE_LANGS)), [f"{e} (n={matrix.counts[e]})" for e in MLAKE_LANGS])
+    rows, columns = matrix.rows, matrix.columns
+    grid = [[100 * matrix.values[e][t] for t in columns] for e in rows]
+    width, height = max(6.4, 1.2 + 0.55 * len(columns)), max(2.4, 1.6 + 0.5 * len(rows))
+    fig, ax = plt.subplots(figsize=(width, height))
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=90 if len(columns) > FULL_AXIS_MAX else 0)
+    ax.set_yticks(range(len(rows)), [f"{e} (n={matrix.counts.get(e, 0)})" for e in rows])
     ax.set_xlabel("test language")
     ax.set_ylabel("edit language")
-    for i, edit in enumerate(MLAKE_LANGS):
-        for j, test in enumerate(MLAKE_LANGS):
+    for i, edit in enumerate(rows):
+        for j, test in enumerate(columns):
             value = grid[i][j]
             colour = "gray" if math.isnan(value) else "black" if value > 60 else "white"  # NaN: task not run
-            ax.text(j, i, _cell(matrix.values[edit][test]), ha="center", va="center", color=colour)
-    ax.set_title("\n".join(textwrap.wrap(matrix.title, 56)), fontsize=10)
+            ax.text(j, i, _cell(matrix.values[edit][test]), ha="center", va="center", color=colour, fontsize=7)
+    ax.set_title("\n".join(textwrap.wrap(matrix.title, int(9 * width))), fontsize=10)
     fig.colorbar(image, ax=ax, label="percent")
     fig.tight_layout()
     out = Path(output)
@@ -148,24 +205,29 @@ def plot_heatmap(matrix: TransferMatrix, output: str | Path) -> Path:
 
 def add_plot_subcommand(sub: argparse._SubParsersAction) -> None:
     """Register ``plot transfer`` on the ``lm-eval-xke`` tool parser."""
-    plot = sub.add_parser("plot", help="plot results (the MLaKE transfer matrix)")
+    plot = sub.add_parser("plot", help="plot results (the transfer matrix)")
     kinds = plot.add_subparsers(dest="plot_kind", required=True)
-    transfer = kinds.add_parser("transfer", help="5x5 edit-language x test-language heatmap of MLaKE results")
+    transfer = kinds.add_parser(
+        "transfer", help="edit-language x test-language heatmap of MLaKE, MzsRE or BMIKE-53 results"
+    )
     transfer.add_argument("results", help="a results_*.json file, or a folder searched for them")
     transfer.add_argument("-o", "--output", default="matrix.png", help="PNG to write (default: matrix.png)")
-    transfer.add_argument("--family", choices=sorted(FAMILY_METRICS), default="mlake", help="task family")
-    transfer.add_argument("--metric", help="em | contains (mlake, default contains), acc (mlake_mc)")
-    transfer.add_argument("--role", choices=("reliability", "old_answer"), default="reliability")
+    transfer.add_argument("--family", choices=sorted(FAMILIES), default="mlake", help="task family")
+    transfer.add_argument(
+        "--metric", help="mlake: contains (default) | em; mlake_mc: acc; mzsre*, bmike53_*: em (default) | f1"
+    )
+    transfer.add_argument("--role", choices=ROLES, default="reliability")
     transfer.set_defaults(func=run_transfer)
 
 
 def run_transfer(args: argparse.Namespace) -> int:
-    metric = args.metric or FAMILY_METRICS[args.family][0]
-    if metric not in FAMILY_METRICS[args.family]:
-        raise SystemExit(f"--metric for {args.family} must be one of {', '.join(FAMILY_METRICS[args.family])}")
+    metrics = FAMILIES[args.family].metrics
+    metric = args.metric or metrics[0]
+    if metric not in metrics:
+        raise SystemExit(f"--metric for {args.family} must be one of {', '.join(metrics)}")
     try:
         matrix = transfer_matrix(results_files(args.results), args.family, metric, args.role)
-    except (FileNotFoundError, ValueError) as err:  # a wrong path or a folder without MLaKE results: one line
+    except (FileNotFoundError, ValueError) as err:  # a wrong path or a folder without the family's results: one line
         raise SystemExit(f"lm-eval-xke plot transfer: {err}") from None
     print(markdown_table(matrix))
     print(f"\nwrote {plot_heatmap(matrix, args.output)}")
