@@ -3,7 +3,10 @@
 One row per (model, editor, edit language, protocol). Bi-ZsRE columns follow the paper's order: reliability in
 the edit language, generality en/zh, locality en/zh, portability en/zh, then target-language reliability (the
 question in the other language), each as EM and F1. Tasks whose name starts with ``mlake`` add one column per
-metric they report. A column never holds numbers measured under two protocols, F1 formulas or data files.
+metric they report. MzsRE and BMIKE-53 tasks (``<family>:``) add their summary columns: ``rel_<m>`` (reliability in
+the edit language) and ``<role>_xavg_<m>`` (the mean over the other test languages); ``--per-language`` adds every
+``<role>_<lang>_<m>``. A BMIKE-53 task is one edit-language pair, so its row's ``edit_lang`` reads ``en>de`` (edit
+in English, asked in German). A column never holds numbers measured under two protocols, F1 formulas or data files.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import csv
 import html
 import io
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +50,7 @@ class TaskScores:
 
     source: Path
     task: str
-    family: str  # "bizsre" or "mlake"
+    family: str  # "bizsre", "mlake", "mzsre" or "bmike53_<dataset>"
     model: str
     editor: str
     edit_lang: str
@@ -87,7 +91,7 @@ def find_results_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_task_scores(path: Path) -> list[TaskScores]:
-    """Every Bi-ZsRE and MLaKE task of one lm-eval results file (other tasks are ignored)."""
+    """Every Bi-ZsRE, MLaKE, MzsRE and BMIKE-53 task of one lm-eval results file (other tasks are ignored)."""
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -106,11 +110,21 @@ def load_task_scores(path: Path) -> list[TaskScores]:
 
 
 def task_family(task: str) -> str | None:
-    if task.startswith("bizsre"):
-        return "bizsre"
-    if task.startswith("mlake"):
-        return "mlake"
+    for family in ("bizsre", "mlake", "mzsre"):
+        if task.startswith(family):
+            return family
+    if task.startswith("bmike53_"):
+        return "_".join(task.split("_")[:2])
     return None
+
+
+def _edit_lang(task: str, family: str, metadata: dict) -> str:
+    """The row's edit language; for a BMIKE-53 pair task ``<edit>><asked>`` (``en>de``, or ``de>en`` reversed)."""
+    if family.startswith("bmike53"):
+        lang = str(metadata.get("xke_bmike53_lang") or task.rsplit("_gen", 1)[0].rsplit("_", 1)[-1])
+        reverse = str(metadata.get("xke_reverse", "false")).lower() in ("true", "1", "yes", "on")
+        return f"{lang}>en" if reverse else f"en>{lang}"
+    return str(metadata.get("xke_edit_lang") or task.rsplit("_gen", 1)[0].rsplit("_", 1)[-1])
 
 
 def _task_scores(path: Path, results: dict, xke: dict, task: str, family: str, values: dict) -> TaskScores:
@@ -127,7 +141,7 @@ def _task_scores(path: Path, results: dict, xke: dict, task: str, family: str, v
         family=family,
         model=_model_label(str(results.get("model_name") or "?")),
         editor=str(xke.get("editor", "?")),
-        edit_lang=str(metadata.get("xke_edit_lang") or task.rsplit("_gen", 1)[0].rsplit("_", 1)[-1]),
+        edit_lang=_edit_lang(task, family, metadata),
         protocol=str(protocol),
         f1=str(metadata.get("xke_f1") or _only(sorted({d.get("f1", "harmonic") for d in data}), f"{path}: F1")),
         data_sha=_data_sha(data, family),
@@ -155,17 +169,25 @@ def _only(values: Sequence[Any], what: str) -> Any:
 
 def _data_sha(data: list[dict], family: str) -> str:
     """The sha256 of the task's data file; several candidates (two benchmarks in one run) are joined."""
-    mine = [d for d in data if family in str(d.get("file", "")).lower()] or data
+    bench = family.replace("_", "-")  # a parallel table's name (``mzsre``, ``bmike53-zsre``)
+    mine = [d for d in data if d.get("benchmark") == bench or family in str(d.get("file", "")).lower()] or data
     return "+".join(sorted({str(d.get("sha256", "?")) for d in mine})) or "?"
 
 
 # ---------------------------------------------------------------- merging
 
 
-def columns_of(scores: TaskScores) -> dict[str, float]:
-    """The leaderboard columns a task fills: paper-order Bi-ZsRE stems, or ``mlake:<metric>``."""
+PARALLEL_METRIC = re.compile(r"(?P<role>[a-z_]+?)_(?P<lang>[a-z]+)_(?P<m>em|f1)(?P<final>_final)?")
+
+
+def columns_of(scores: TaskScores, per_language: bool = False) -> dict[str, float]:
+    """The leaderboard columns a task fills: paper-order Bi-ZsRE stems, ``mlake:<metric>``, or the MzsRE / BMIKE-53
+    summary columns ``<family>:rel_<m>`` and ``<family>:<role>_xavg_<m>`` (and every ``<role>_<lang>_<m>`` with
+    ``per_language``)."""
     if scores.family == "mlake":
         return {f"mlake:{m}": v for m, v in scores.metrics.items()}
+    if scores.family != "bizsre":
+        return _parallel_columns(scores, per_language)
     other = next((lang for lang in BIZSRE_LANGS if lang != scores.edit_lang), scores.edit_lang)
     cells = {}
     for stem, role, lang in BIZSRE_COLUMNS:
@@ -177,13 +199,28 @@ def columns_of(scores: TaskScores) -> dict[str, float]:
     return cells
 
 
-def merge(scores: Iterable[TaskScores]) -> list[Row]:
+def _parallel_columns(scores: TaskScores, per_language: bool) -> dict[str, float]:
+    edit = scores.edit_lang.split(">", 1)[0]
+    cells = {}
+    for key, value in scores.metrics.items():
+        match = PARALLEL_METRIC.fullmatch(key)
+        if match is None:
+            continue
+        role, lang, metric, final = match["role"], match["lang"], match["m"], match["final"] or ""
+        if role == "reliability" and lang == edit:
+            cells[f"{scores.family}:rel_{metric}{final}"] = value
+        if lang == "xavg" or per_language:
+            cells[f"{scores.family}:{key}"] = value
+    return cells
+
+
+def merge(scores: Iterable[TaskScores], per_language: bool = False) -> list[Row]:
     """One row per (model, editor, edit language, protocol); a cell filled twice is refused."""
     rows: dict[tuple[str, str, str, str], Row] = {}
     for s in scores:
         key = (s.model, s.editor, s.edit_lang, s.protocol)
         row = rows.setdefault(key, Row(key))
-        for column, value in columns_of(s).items():
+        for column, value in columns_of(s, per_language).items():
             if column in row.cells:
                 first = row.origin[column]
                 raise LeaderboardError(
@@ -222,7 +259,7 @@ def check_columns(rows: Sequence[Row]) -> None:
 def metric_columns(rows: Sequence[Row]) -> list[str]:
     present = {c for row in rows for c in row.cells}
     paper = [f"{stem}_{m}" for stem, _, _ in BIZSRE_COLUMNS for m in ("em", "f1")]
-    return [c for c in paper if c in present] + sorted(c for c in present if c.startswith("mlake:"))
+    return [c for c in paper if c in present] + sorted(c for c in present if ":" in c)
 
 
 def split_rows(rows: Sequence[Row], split_by: Sequence[str]) -> dict[str, list[Row]]:
@@ -278,7 +315,8 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     notes = [
         "Scores are percentages (x100). rel = reliability in the edit language, rel_tgt = reliability asked in the "
         "other language (target-language reliability); gen/loc/port = generality/locality/portability per question "
-        "language; em = exact match, f1 = token F1 (formula in f1_formula).",
+        "language; em = exact match, f1 = token F1 (formula in f1_formula). <family>:<role>_xavg_<m> = the mean over "
+        "the test languages other than the edit language (MzsRE, BMIKE-53); old_answer: lower is better.",
         f"Data sha256: {', '.join(shas)}.",
     ]
     if any(s.limited for s in origins):
@@ -344,12 +382,13 @@ def leaderboard(
     sort: str | None = None,
     ascending: bool = False,
     split_by: Sequence[str] = (),
+    per_language: bool = False,
 ) -> str:
     """The rendered leaderboard of every results file in ``paths``."""
     scores = [s for f in find_results_files(paths) for s in load_task_scores(f)]
     if not scores:
-        raise LeaderboardError("no Bi-ZsRE or MLaKE task in these results files")
-    tables = split_rows(merge(scores), split_by)
+        raise LeaderboardError("no Bi-ZsRE, MLaKE, MzsRE or BMIKE-53 task in these results files")
+    tables = split_rows(merge(scores, per_language), split_by)
     rendered = []
     for title, rows in tables.items():
         check_columns(rows)
@@ -371,12 +410,17 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="one table per protocol / F1 formula / data file instead of refusing to mix them (repeatable)",
     )
+    p.add_argument(
+        "--per-language",
+        action="store_true",
+        help="MzsRE / BMIKE-53: a column per test language, not only the rel and cross-lingual mean (xavg) columns",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        text = leaderboard(args.paths, args.format, args.sort, args.ascending, args.split_by)
+        text = leaderboard(args.paths, args.format, args.sort, args.ascending, args.split_by, args.per_language)
     except LeaderboardError as err:
         print(f"lm-eval-xke leaderboard: error: {err}", file=sys.stderr)
         return 2

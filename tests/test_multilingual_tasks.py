@@ -219,3 +219,57 @@ def test_users_multilingual_files_run_through_lm_eval(tiny_llama_dir, tmp_path):
     (data,) = results["config"]["xke"]["data"]
     assert data["join"]["dropped_per_lang"] == {"fr": {"field 'target_new' empty": 1}}
     assert data["edit_lang"] == "de" and data["test_langs"] == ["en", "de", "fr"]
+
+
+# ---------------------------------------------------------------- leaderboard and transfer matrix
+
+
+def _parallel_results(path: Path) -> Path:
+    def metrics(edit: str, langs: list[str], value: float) -> dict:
+        out = {f"{role}_{lang}_{m},none": value for role in ("reliability", "generality") for lang in langs
+               for m in ("em", "f1")}  # fmt: skip
+        out.update({f"{role}_xavg_{m},none": value / 2 for role in ("reliability", "generality") for m in ("em", "f1")})
+        return out
+
+    results = {
+        "bmike53_zsre_de": metrics("en", ["en", "de"], 0.5),
+        "bmike53_zsre_fr": metrics("en", ["en", "fr"], 0.25),
+        "mzsre_de": metrics("de", ["en", "de", "zh"], 1.0),
+    }
+    configs = {task: {"metadata": {"xke_protocol": "teacher_forced"}} for task in results}
+    configs["bmike53_zsre_de"]["metadata"]["xke_bmike53_lang"] = "de"
+    configs["bmike53_zsre_fr"]["metadata"]["xke_bmike53_lang"] = "fr"
+    configs["mzsre_de"]["metadata"]["xke_edit_lang"] = "de"
+    data = [
+        {"file": "mzsre (2 files)", "benchmark": "mzsre", "sha256": "a" * 64, "f1": "harmonic"},
+        {"file": "bmike53/zsRE (1 file)", "benchmark": "bmike53-zsre", "sha256": "b" * 64, "f1": "harmonic"},
+    ]
+    file = path / "results_2026-01-01.json"
+    file.write_text(json.dumps({
+        "results": results, "configs": configs, "model_name": "m",
+        "n-samples": {task: {"effective": 4, "original": 4} for task in results},
+        "config": {"model_args": {"pretrained": "/m"}, "xke": {"editor": "rome", "data": data}},
+    }))  # fmt: skip
+    return file
+
+
+def test_leaderboard_shows_summary_columns_and_per_language_on_request(tmp_path):
+    from lm_eval_xke.leaderboard import leaderboard
+
+    _parallel_results(tmp_path)
+    table = leaderboard([tmp_path], fmt="csv")
+    header, *rows = table.strip().splitlines()
+    assert "bmike53_zsre:rel_em" in header and "mzsre:reliability_xavg_f1" in header
+    assert "mzsre:reliability_zh_em" not in header
+    assert sorted(row.split(",")[2] for row in rows) == ["de", "en>de", "en>fr"]
+    assert "mzsre:reliability_zh_em" in leaderboard([tmp_path], fmt="csv", per_language=True)
+
+
+def test_transfer_matrix_of_bmike53_pairs(tmp_path):
+    from lm_eval_xke.plots import markdown_table, results_files, transfer_matrix
+
+    _parallel_results(tmp_path)
+    matrix = transfer_matrix(results_files(tmp_path), "bmike53_zsre", "em")
+    assert matrix.rows == ("en",) and matrix.columns == ("en", "de", "fr")
+    assert matrix.values["en"]["en"] == pytest.approx(0.375)  # both tasks ask in English: their sample-weighted mean
+    assert "| en | 8 | 37.5 | 50.0 | 25.0 |" in markdown_table(matrix)
