@@ -2,9 +2,10 @@
 
 A bundle is a zip of one lm-eval run made with ``--log_samples``: ``results.json``, one ``samples/<task>.jsonl``
 per task, ``editor.json`` (editor, hyper-parameters, edit mode) and ``manifest.json`` (sha256 of every file, package
-versions, data sha256s). ``verify`` recomputes every per-sample Bi-ZsRE score from the logged read-outs or
-generations, every task aggregate (mean and stderr) from the per-sample values and every group mean from its
-tasks, and rejects the bundle at the first number that does not match.
+versions, data sha256s). ``verify`` recomputes every per-sample score of Bi-ZsRE, MzsRE, BMIKE-53 and users'
+multilingual tasks from the logged read-outs or generations with the tasks' own scorer, every task aggregate (mean
+and stderr) from the per-sample values and every group mean from its tasks, and rejects the bundle at the first
+number that does not match.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lm_eval_xke.metrics import exact_match, normalized_em, normalized_f1, token_f1
+from lm_eval_xke.parallel_cases import process_results as parallel_scores
 
 BUNDLE_FORMAT = "lm_eval_xke-submission/1"
 PACKAGES = ("lm_eval", "lm_eval_xke", "torch", "transformers", "tokenizers", "datasets")
@@ -159,7 +160,7 @@ def _check_task(task: str, results: dict, rows: list[dict]) -> str:
     docs = {row["doc_id"] for row in rows}
     if effective is not None and len(docs) != effective:
         raise SubmissionError(f"{task}: results.json counts {effective} samples, the log has {len(docs)}")
-    recomputed = sum(_check_sample(task, row) for row in rows) if task.startswith("bizsre") else 0
+    recomputed = sum(_check_sample(task, row) for row in rows) if _parallel_table_task(task, rows) else 0
     checked = 0
     for key, reported in values.items():
         metric, _, filt = key.partition(",")
@@ -194,8 +195,15 @@ def _check_groups(results: dict) -> list[str]:
     return report
 
 
+def _parallel_table_task(task: str, rows: list[dict]) -> bool:
+    """Tasks scored by ``parallel_cases.process_results``: Bi-ZsRE, and every task built from a parallel table (MzsRE,
+    BMIKE-53, users' multilingual files), whose cases name their ``benchmark``."""
+    source = (((rows[0].get("doc") or {}).get("xke") or {}).get("source") or {}) if rows else {}
+    return task.startswith("bizsre") or "benchmark" in source
+
+
 def _check_sample(task: str, row: dict) -> int:
-    """Recompute one sample's Bi-ZsRE scores from its read-outs or generations; return how many were checked."""
+    """Recompute one sample's scores from its read-outs or generations; return how many were checked."""
     scores = recompute_sample(row)
     for key, value in scores.items():
         if key not in row:
@@ -205,34 +213,19 @@ def _check_sample(task: str, row: dict) -> int:
 
 
 def recompute_sample(row: dict) -> dict[str, float]:
-    """``<role>_<lang>_em`` / ``_f1`` of one logged Bi-ZsRE sample, from ``filtered_resps`` and the edit case."""
-    case = (row.get("doc") or {}).get("xke")
+    """Every per-sample score of one logged edit-case sample, from ``filtered_resps`` and the logged case, by the
+    tasks' own scorer (``parallel_cases.process_results``)."""
+    doc = row.get("doc") or {}
+    case = doc.get("xke")
     if not case:
         return {}
     questions, responses = case["questions"], row["filtered_resps"]
     if len(questions) != len(responses):
         raise SubmissionError(f"doc {row.get('doc_id')}: {len(questions)} questions but {len(responses)} responses")
-    formula = case.get("source", {}).get("f1", "harmonic")
-    pre = {q["lang"]: r for q, r in zip(questions, responses, strict=True) if q["phase"] == "pre"}
-    scores = {}
-    for q, response in zip(questions, responses, strict=True):
-        if q["phase"] == "post":
-            reference = pre[q["lang"]] if q["role"] == "locality" else None
-            em, f1 = _score(q, response, reference, formula)
-            scores[f"{q['role']}_{q['lang']}_em"] = em
-            scores[f"{q['role']}_{q['lang']}_f1"] = f1
-    return scores
-
-
-def _score(question: dict, response: Any, reference: Any, formula: str) -> tuple[float, float]:
-    if question["protocol"] == "teacher_forced":
-        out = json.loads(response[2])
-        gold = json.loads(reference[2]) if reference is not None else None
-        gold_text, gold_ids = (gold["answer"], gold["answer_ids"]) if gold else (out["target"], out["target_ids"])
-        return exact_match(out["answer"], gold_text), token_f1(out["answer_ids"], gold_ids, formula)
-    golds = [reference] if reference is not None else list(question["answers"])
-    lang = question["lang"]
-    return normalized_em(response, golds, lang), normalized_f1(response, golds, lang, formula)
+    try:
+        return parallel_scores(doc, responses)
+    except (ValueError, KeyError, TypeError) as err:
+        raise SubmissionError(f"doc {row.get('doc_id')}: the logged answers cannot be scored ({err})") from None
 
 
 def _stderr(values: list[float]) -> float:

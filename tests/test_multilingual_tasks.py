@@ -3,10 +3,14 @@ user's own multilingual files through the stock `lm_eval` CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -196,8 +200,11 @@ def test_mzsre_real_table_has_twelve_languages(data_dir):
 # ---------------------------------------------------------------- a user's own files, no code
 
 
-def test_users_multilingual_files_run_through_lm_eval(tiny_llama_dir, tmp_path):
-    folder = tmp_path / "mytask"
+@pytest.fixture(scope="module")
+def cli_run(tiny_llama_dir, data_dir, tmp_path_factory) -> Path:
+    """One stock `lm_eval` run of a user's task folder (edit in German) and BMIKE-53 CounterFact, samples logged."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "mytask"
     shutil.copytree(TEMPLATE, folder)
     (folder / "mybench_ml_en.yaml").rename(folder / "mybench_ml_de.yaml")
     yaml = (folder / "mybench_ml_de.yaml").read_text(encoding="utf-8")
@@ -206,19 +213,51 @@ def test_users_multilingual_files_run_through_lm_eval(tiny_llama_dir, tmp_path):
         encoding="utf-8",
     )
     model_args = f"pretrained={tiny_llama_dir},editor=none"
-    args = ["--include_path", str(folder), "--tasks", "mybench_ml_de", "--model", "xke", "--output_path",
-            str(tmp_path / "out"), "--log_samples", "--model_args", model_args]  # fmt: skip
-    done = subprocess.run([LM_EVAL, *args], capture_output=True, text=True, timeout=600)
+    tasks = "mybench_ml_de,bmike53_counterfact_de"
+    args = ["--include_path", str(folder), "--tasks", tasks, "--model", "xke", "--limit", "2",
+            "--output_path", str(root / "out"), "--log_samples", "--model_args", model_args]  # fmt: skip
+    env = {**os.environ, "XKE_DATA_DIR": str(data_dir)}
+    done = subprocess.run([LM_EVAL, *args], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text(encoding="utf-8"))
+    return next((root / "out").rglob("results_*.json"))
+
+
+def test_users_multilingual_files_run_through_lm_eval(cli_run):
+    results = json.loads(cli_run.read_text(encoding="utf-8"))
     metrics = results["results"]["mybench_ml_de"]
     for key in ("reliability_de_em", "reliability_fr_f1", "generality_en_em", "locality_xavg_em"):
         assert f"{key},none" in metrics
     assert not any(k.startswith("portability") for k in metrics)  # the data has no portability fields
     assert results["n-samples"]["mybench_ml_de"]["effective"] == 2
-    (data,) = results["config"]["xke"]["data"]
-    assert data["join"]["dropped_per_lang"] == {"fr": {"field 'target_new' empty": 1}}
-    assert data["edit_lang"] == "de" and data["test_langs"] == ["en", "de", "fr"]
+    mine = next(d for d in results["config"]["xke"]["data"] if d["benchmark"] == "mybench_ml")
+    assert mine["join"]["dropped_per_lang"] == {"fr": {"field 'target_new' empty": 1}}
+    assert mine["edit_lang"] == "de" and mine["test_langs"] == ["en", "de", "fr"]
+    assert results["higher_is_better"]["bmike53_counterfact_de"]["old_answer_de_em"] is False
+
+
+def test_bmike53_bundle_verifies_and_a_changed_score_is_rejected(cli_run, tmp_path):
+    from lm_eval_xke.submission import SubmissionError, make_bundle, verify_bundle
+
+    bundle = make_bundle(cli_run, tmp_path / "run.zip")
+    report = "\n".join(verify_bundle(bundle))
+    assert re.search(r"bmike53_counterfact_de: 2 samples, [1-9][0-9]* per-sample scores recomputed", report)
+    assert re.search(r"mybench_ml_de: 2 samples, [1-9][0-9]* per-sample scores recomputed", report)
+    with zipfile.ZipFile(bundle) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    name = "samples/bmike53_counterfact_de.jsonl"
+    first, *rest = files[name].decode().splitlines()
+    row = json.loads(first)
+    row["old_answer_de_em"] = 1.0 - row["old_answer_de_em"]
+    files[name] = "\n".join([json.dumps(row), *rest]).encode() + b"\n"
+    manifest = json.loads(files["manifest.json"])
+    manifest["sha256"][name] = hashlib.sha256(files[name]).hexdigest()
+    files["manifest.json"] = json.dumps(manifest).encode()
+    tampered = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(tampered, "w") as zf:
+        for n, data in files.items():
+            zf.writestr(n, data)
+    with pytest.raises(SubmissionError, match="old_answer_de_em"):
+        verify_bundle(tampered)
 
 
 # ---------------------------------------------------------------- leaderboard and transfer matrix
