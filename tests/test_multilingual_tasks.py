@@ -312,3 +312,28 @@ def test_transfer_matrix_of_bmike53_pairs(tmp_path):
     assert matrix.rows == ("en",) and matrix.columns == ("en", "de", "fr")
     assert matrix.values["en"]["en"] == pytest.approx(0.375)  # both tasks ask in English: their sample-weighted mean
     assert "| en | 8 | 37.5 | 50.0 | 25.0 |" in markdown_table(matrix)
+
+
+def test_mzsre_and_bmike53_download_into_the_cache_pinned_and_checked(data_dir, tmp_path, monkeypatch):
+    """No local copy: the pinned URLs are fetched (here: served from the shared folder) and sha256-checked."""
+    from lm_eval_xke import data
+
+    monkeypatch.delenv("XKE_DATA_DIR", raising=False)
+    monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
+    fetched = []
+
+    def serve(url: str, timeout: float) -> bytes:
+        fetched.append(url)
+        if "ReMaKE/975a9e9069/data/MzsRE/" in url:
+            return (data_dir / "mzsre" / url.rsplit("/", 1)[1]).read_bytes()
+        if "MultiKnow/6e3e245bf0a17edaecfb4d71664efc1b5fb67906/data/BMIKE53/" in url:
+            return (data_dir / "bmike53" / url.split("/BMIKE53/", 1)[1]).read_bytes()
+        raise OSError(f"unexpected URL {url}")
+
+    monkeypatch.setattr(data, "_fetch", serve)
+    assert len(load_mzsre(["en", "cs"]).rows) == 743
+    assert len(load_bmike53("counterfact", ["en", "sv"]).rows) == 1031
+    assert [u.rsplit("/", 1)[1] for u in fetched] == ["mzsre_test_duplicate_encz.json", "counterfact_test_sv.json"]
+    monkeypatch.setattr(data, "_fetch", lambda url, timeout: b"[]")  # a changed upstream file is refused
+    with pytest.raises(data.DataNotFoundError, match="sha256"):
+        load_mzsre(["en", "de"])
