@@ -222,7 +222,7 @@ def table_dataset(
     protocol = str(options["xke_protocol"])
     requests, subjects = edit_requests(table, edit_lang)
     source = {
-        "file": label,
+        "file": f"{label}, edit {edit_lang}",  # the run reports one entry per file label: one per edit language
         "sha256": table.sha256,
         "records": len(table.rows),
         "skipped_invalid": len(table.report.dropped_indices),
