@@ -200,7 +200,8 @@ def _edge(ch: str) -> bool:
     return ch.isspace() or unicodedata.category(ch)[0] in "PSZ"
 
 
-def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+def strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` moved inwards past whitespace, punctuation and symbols at both ends of ``text[start:end]``."""
     while start < end and _edge(text[start]):
         start += 1
     while end > start and _edge(text[end - 1]):
@@ -245,7 +246,7 @@ def locate_subject(prompt: str, subject: str, lang: str) -> tuple[str, str]:
     matcher = difflib.SequenceMatcher(autojunk=False)
     matcher.set_seq2(target)
     for start, end in _candidate_spans(prompt, subject, lang):
-        s, e = _strip_span(prompt, start, end)
+        s, e = strip_span(prompt, start, end)
         if s >= e:
             continue
         matcher.set_seq1(prompt[s:e].casefold())
@@ -254,7 +255,7 @@ def locate_subject(prompt: str, subject: str, lang: str) -> tuple[str, str]:
         if rank > best:
             best, best_span, best_ratio = rank, (s, e), matcher.ratio()
     if best_ratio < FUZZY_MIN_RATIO:  # nothing alike (a subject left in Latin script in a Japanese prompt): no span
-        s, e = _strip_span(prompt, 0, len(prompt))
+        s, e = strip_span(prompt, 0, len(prompt))
         return (prompt[s:e] if s < e else prompt), "whole_prompt"
-    s, e = _strip_span(prompt, *best_span)
+    s, e = strip_span(prompt, *best_span)
     return prompt[s:e], "fuzzy"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from lm_eval_xke.data import (
 )
 from lm_eval_xke.failed_edits import is_failed_answer
 from lm_eval_xke.metrics import CHAR_LEVEL_LANGS, contains_match, normalized_em
+from lm_eval_xke.parallel import strip_span
 
 log = logging.getLogger("lm_eval.tasks.mlake")
 
@@ -71,17 +71,8 @@ def _is_cjk(lang: str) -> bool:
     return lang in CHAR_LEVEL_LANGS
 
 
-def _edge(ch: str) -> bool:
-    """Whitespace, punctuation or symbol: stripped from the ends of a prompt or subject."""
-    return ch.isspace() or unicodedata.category(ch)[0] in "PSZ"
-
-
 def _strip_edges(text: str) -> str:
-    start, end = 0, len(text)
-    while start < end and _edge(text[start]):
-        start += 1
-    while end > start and _edge(text[end - 1]):
-        end -= 1
+    start, end = strip_span(text, 0, len(text))
     return text[start:end]
 
 
