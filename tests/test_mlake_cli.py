@@ -54,8 +54,18 @@ def test_each_task_family_with_rome_then_plot(tiny_llama_dir, data_dir, tmp_path
 def test_lm_eval_lists_and_validates_the_mlake_tasks(data_dir):
     listed = run("lm_eval", "ls", "tasks", data_dir=data_dir)
     assert listed.returncode == 0, listed.stderr[-2000:]
-    names = ("mlake", "mlake_mc", "mlake_multihop", "mlake_en", "mlake_mc_de", "mlake_multihop_zh", "mzsre",
-             "mzsre_gen", "mzsre_cs", "mzsre_nl_gen", "bmike53_zsre", "bmike53_wfd_gen", "bmike53_counterfact_ceb")  # fmt: skip
+    names = [
+        *("mlake", "mlake_mc", "mlake_multihop", "mlake_en", "mlake_mc_de", "mlake_multihop_zh"),
+        *(
+            "mzsre",
+            "mzsre_gen",
+            "mzsre_cs",
+            "mzsre_nl_gen",
+            "bmike53_zsre",
+            "bmike53_wfd_gen",
+            "bmike53_counterfact_ceb",
+        ),
+    ]
     for name in names:
         assert f"|{name} " in listed.stdout
     validated = run("lm_eval", "validate", "--tasks", "mlake,mlake_mc,mlake_multihop", data_dir=data_dir)
