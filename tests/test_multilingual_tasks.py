@@ -337,3 +337,16 @@ def test_mzsre_and_bmike53_download_into_the_cache_pinned_and_checked(data_dir, 
     monkeypatch.setattr(data, "_fetch", lambda url, timeout: b"[]")  # a changed upstream file is refused
     with pytest.raises(data.DataNotFoundError, match="sha256"):
         load_mzsre(["en", "de"])
+
+
+def test_sequential_runs_add_final_keys_and_their_cross_lingual_means():
+    blocks = {lang: block("Ada", f"Ada {lang}?", f"new-{lang}") for lang in ("en", "de")}
+    table = join("t", [(0, "k", blocks)], ["en", "de"], ZSRE_FIELD_MAP, {"f": {"file": "f", "sha256": "0"}})
+    options = {"xke_protocol": "generate", "edit_mode": "sequential"}
+    (doc,) = table_dataset(table, "en", ["en", "de"], options, "t")["test"]
+    case = EditCase.from_doc(doc["xke"])
+    answers = [q.answers[0] if q.phase != "final" or q.lang == "en" else "forgotten" for q in case.questions]
+    scores = process_results(doc, answers)
+    assert scores["reliability_de_em"] == 1.0 and scores["reliability_de_em_final"] == 0.0
+    assert scores["reliability_xavg_em"] == 1.0 and scores["reliability_xavg_em_final"] == 0.0
+    assert "locality_xavg_f1_final" in scores
