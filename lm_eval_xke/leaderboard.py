@@ -259,7 +259,21 @@ def check_columns(rows: Sequence[Row]) -> None:
 def metric_columns(rows: Sequence[Row]) -> list[str]:
     present = {c for row in rows for c in row.cells}
     paper = [f"{stem}_{m}" for stem, _, _ in BIZSRE_COLUMNS for m in ("em", "f1")]
-    return [c for c in paper if c in present] + sorted(c for c in present if ":" in c)
+    return [c for c in paper if c in present] + sorted((c for c in present if ":" in c), key=_family_column_order)
+
+
+_ROLE_ORDER = ("rel", "reliability", "generality", "locality", "portability", "old_answer")
+
+
+def _family_column_order(column: str) -> tuple:
+    """``<family>:`` columns: by family, then ``rel``, then the roles in paper order (``xavg`` first), then the rest."""
+    family, metric = column.split(":", 1)
+    match = PARALLEL_METRIC.fullmatch(metric)
+    if match is None:
+        rel = metric.startswith("rel_")
+        return (family, 0 if rel else len(_ROLE_ORDER), 0, metric)
+    role = _ROLE_ORDER.index(match["role"]) if match["role"] in _ROLE_ORDER else len(_ROLE_ORDER)
+    return (family, role, 0 if match["lang"] == "xavg" else 1, metric)
 
 
 def split_rows(rows: Sequence[Row], split_by: Sequence[str]) -> dict[str, list[Row]]:
