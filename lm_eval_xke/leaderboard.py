@@ -268,9 +268,9 @@ _ROLE_ORDER = ("rel", "reliability", "generality", "locality", "portability", "o
 def _family_column_order(column: str) -> tuple:
     """``<family>:`` columns: by family, then ``rel``, then the roles in paper order (``xavg`` first), then the rest."""
     family, metric = column.split(":", 1)
-    match = PARALLEL_METRIC.fullmatch(metric)
+    match = PARALLEL_METRIC.fullmatch(metric) if family != "mlake" else None  # MLaKE's: alphabetical
     if match is None:
-        rel = metric.startswith("rel_")
+        rel = metric.startswith("rel_") and family != "mlake"
         return (family, 0 if rel else len(_ROLE_ORDER), 0, metric)
     role = _ROLE_ORDER.index(match["role"]) if match["role"] in _ROLE_ORDER else len(_ROLE_ORDER)
     return (family, role, 0 if match["lang"] == "xavg" else 1, metric)
