@@ -10,12 +10,12 @@ the edit gets a *failed answer*, which the tasks score as the worst value of eve
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from lm_eval_xke.editors import AppliedEdit
+from lm_eval_xke.responses import has_readout, readout_of, readout_response
 
 #: key of a teacher-forced read-out, and prefix of a generated answer, that mark a failed edit's answer
 FAILED_EDIT_MARK = "xke_failed_edit"
@@ -25,7 +25,7 @@ def failed_answer(request_type: str, arguments: tuple, reason: str) -> Any:
     """The answer recorded for a question of a failed edit, shaped like the backend's answers of that type."""
     if request_type == "loglikelihood":
         readout = {"answer": "", "target": arguments[1], "answer_ids": [], "target_ids": [], FAILED_EDIT_MARK: reason}
-        return (-math.inf, False, json.dumps(readout, ensure_ascii=False))
+        return readout_response(-math.inf, False, readout)
     return f"[{FAILED_EDIT_MARK}: {reason}]"
 
 
@@ -33,8 +33,8 @@ def is_failed_answer(result: Any) -> bool:
     """Whether ``result`` (a generated string, or xke's ``(loglikelihood, is_greedy, read-out JSON)``) is one."""
     if isinstance(result, str):
         return result.startswith(f"[{FAILED_EDIT_MARK}: ")
-    if isinstance(result, (tuple, list)) and len(result) == 3 and isinstance(result[2], str):
-        return f'"{FAILED_EDIT_MARK}"' in result[2] and FAILED_EDIT_MARK in json.loads(result[2])
+    if has_readout(result):
+        return f'"{FAILED_EDIT_MARK}"' in result[2] and FAILED_EDIT_MARK in readout_of(result)
     return False
 
 

@@ -15,7 +15,6 @@ the cross-lingual summary ``<role>_xavg_<em|f1>``: the mean over the test langua
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -39,6 +38,7 @@ from lm_eval_xke.failed_edits import is_failed_answer
 from lm_eval_xke.metrics import F1_FORMULAS, exact_match, normalized_em, normalized_f1, token_f1
 from lm_eval_xke.parallel import ROLE_FIELDS, ParallelRow, ParallelTable, locate_subject
 from lm_eval_xke.parallel_data import load_user_table
+from lm_eval_xke.responses import readout_of
 
 log = logging.getLogger("lm_eval.tasks.xke")
 
@@ -176,27 +176,17 @@ def _score(question: Question, result: Any, reference: Any, f1_formula: str) -> 
         worst = FAILED_SCORE.get(question.role, 0.0)  # a failed edit scores the worst value, locality included
         return worst, worst
     if question.protocol == "teacher_forced":
-        answer = _readout(result)
+        answer = readout_of(result)
         if reference is None:
             return exact_match(answer["answer"], answer["target"]), token_f1(
                 answer["answer_ids"], answer["target_ids"], f1_formula
             )
-        before = _readout(reference)
+        before = readout_of(reference)
         return exact_match(answer["answer"], before["answer"]), token_f1(
             answer["answer_ids"], before["answer_ids"], f1_formula
         )
     golds = list(question.answers) if reference is None else [reference]
     return normalized_em(result, golds, question.lang), normalized_f1(result, golds, question.lang, f1_formula)
-
-
-def _readout(result: Any) -> dict:
-    """The read-out that `xke` appends to lm-eval's (loglikelihood, is_greedy) pair, as JSON."""
-    if not (isinstance(result, (tuple, list)) and len(result) == 3 and isinstance(result[2], str)):
-        raise ValueError(
-            "teacher-forced edit tasks need the argmax read-out that only --model xke returns "
-            "(use --model xke with editor=none for the unedited baseline)"
-        )
-    return json.loads(result[2])
 
 
 # ---------------------------------------------------------------- the custom_dataset side

@@ -7,12 +7,13 @@ knowledge of the editor.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from lm_eval.models.huggingface import HFLM
+
+from lm_eval_xke.responses import readout_response
 
 # Sequences per forward pass of the read-out; bounds memory when many cases are read out together.
 READOUT_CHUNK = 64
@@ -54,14 +55,14 @@ class Readout:
     target_ids: list[int]
 
     def as_response(self) -> tuple[float, bool, str]:
-        """lm-eval's loglikelihood pair, plus the read-out as JSON (lm-eval logs response items with ``str``)."""
+        """lm-eval's loglikelihood pair, plus the read-out (``lm_eval_xke.responses``)."""
         details = {
             "answer": self.answer,
             "target": self.target,
             "answer_ids": self.answer_ids,
             "target_ids": self.target_ids,
         }
-        return (self.loglikelihood, self.is_greedy, json.dumps(details, ensure_ascii=False))
+        return readout_response(self.loglikelihood, self.is_greedy, details)
 
 
 class HFBackend:

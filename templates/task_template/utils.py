@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict
 
 from lm_eval_xke.cases import EditCase, EditRequest, Question
 from lm_eval_xke.metrics import exact_match, token_f1
+from lm_eval_xke.responses import readout_of
 
 DEFAULT_DATA = Path(__file__).with_name("sample.json")
 
@@ -58,7 +59,7 @@ def process_results(doc: dict, results: list) -> dict[str, float]:
     """EM and token F1 of every post-edit question; locality is scored against the pre-edit answer."""
     case = EditCase.from_doc(doc["xke"])
     formula = case.source.get("f1", "harmonic")
-    readouts = [json.loads(r[2]) for r in results]  # `xke` appends the argmax read-out as JSON
+    readouts = [readout_of(r) for r in results]  # `xke` appends the argmax read-out to each response
     pre = {q.role: r for q, r in zip(case.questions, readouts, strict=True) if q.phase == "pre"}
     scores = {}
     for q, out in zip(case.questions, readouts, strict=True):
