@@ -13,9 +13,11 @@ import hashlib
 import inspect
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -670,10 +672,22 @@ class _RunRecord:
 
 
 def _code_digest(editor_cls: type) -> str:
-    """Hash of the editor's package and of lm_eval_xke's own code: a journal outlives no change to either."""
-    folders = {Path(__file__).parent, Path(inspect.getfile(editor_cls)).parent}
-    files = sorted(f for folder in folders for f in folder.rglob("*.py"))
-    return digest([[str(f), hashlib.sha256(f.read_bytes()).hexdigest()] for f in files])
+    """Hash of the code a run's answers can depend on: the source of every ``lm_eval_xke`` module loaded in this
+    process (the core, the tasks and the plugins, so a module one editor borrows from another counts), the editor's
+    own package (a third-party plugin lives outside ``lm_eval_xke``) and the installed package version. A journal
+    outlives no change to any of them."""
+    files = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == "lm_eval_xke" or name.startswith("lm_eval_xke.")) and getattr(module, "__file__", None)
+    }
+    files |= set(Path(inspect.getfile(editor_cls)).parent.rglob("*.py"))
+    try:
+        version = metadata.version("lm_eval_xke")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "not installed"
+    sources = [[str(f), hashlib.sha256(f.read_bytes()).hexdigest()] for f in sorted(files) if f.is_file()]
+    return digest([version, sources])
 
 
 def _is_edit_request(request) -> bool:
