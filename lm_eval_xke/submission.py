@@ -2,10 +2,10 @@
 
 A bundle is a zip of one lm-eval run made with ``--log_samples``: ``results.json``, one ``samples/<task>.jsonl``
 per task, ``editor.json`` (editor, hyper-parameters, edit mode) and ``manifest.json`` (sha256 of every file, package
-versions, data sha256s). ``verify`` recomputes every per-sample score of Bi-ZsRE, MzsRE, BMIKE-53 and users'
-multilingual tasks from the logged read-outs or generations with the tasks' own scorer, every task aggregate (mean
-and stderr) from the per-sample values and every group mean from its tasks, and rejects the bundle at the first
-number that does not match.
+versions, data sha256s). ``verify`` recomputes every per-sample score from the logged docs and read-outs or
+generations with each task's own ``process_results`` (read from its YAML, so no task family needs code here), every
+task aggregate (mean and stderr) from the per-sample values and every group mean from its tasks, and rejects the
+bundle at the first number that does not match.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import math
 import platform
 import sys
 import zipfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-from lm_eval_xke.parallel_cases import process_results as parallel_scores
 
 BUNDLE_FORMAT = "lm_eval_xke-submission/1"
 PACKAGES = ("lm_eval", "lm_eval_xke", "torch", "transformers", "tokenizers", "datasets")
@@ -123,7 +122,8 @@ def check_bundle_contents(manifest: dict, files: dict[str, bytes]) -> list[str]:
     samples = {task: _read_jsonl(files[name], name) for task, name in manifest["samples"].items()}
     _check_provenance(manifest, results, json.loads(files["editor.json"]), samples)
     report = [f"{len(files)} files match their sha256"]
-    report += [_check_task(task, results, rows) for task, rows in samples.items()]
+    scorers = task_scorers(results, list(samples))
+    report += [_check_task(task, results, rows, scorers.get(task)) for task, rows in samples.items()]
     report += _check_groups(results)
     return report
 
@@ -152,7 +152,7 @@ def _check_provenance(manifest: dict, results: dict, editor: dict, samples: dict
                 raise SubmissionError(f"{task} doc {row.get('doc_id')} comes from data sha256 {sha}, not {known}")
 
 
-def _check_task(task: str, results: dict, rows: list[dict]) -> str:
+def _check_task(task: str, results: dict, rows: list[dict], scorer: Callable | None) -> str:
     values = (results.get("results") or {}).get(task)
     if values is None:
         raise SubmissionError(f"results.json has no scores for {task}, but the bundle has its samples")
@@ -160,7 +160,7 @@ def _check_task(task: str, results: dict, rows: list[dict]) -> str:
     docs = {row["doc_id"] for row in rows}
     if effective is not None and len(docs) != effective:
         raise SubmissionError(f"{task}: results.json counts {effective} samples, the log has {len(docs)}")
-    recomputed = sum(_check_sample(task, row) for row in rows) if _parallel_table_task(task, rows) else 0
+    recomputed = sum(_check_sample(task, row, scorer) for row in rows) if scorer else 0
     checked = 0
     for key, reported in values.items():
         metric, _, filt = key.partition(",")
@@ -195,37 +195,39 @@ def _check_groups(results: dict) -> list[str]:
     return report
 
 
-def _parallel_table_task(task: str, rows: list[dict]) -> bool:
-    """Tasks scored by ``parallel_cases.process_results``: Bi-ZsRE, and every task built from a parallel table (MzsRE,
-    BMIKE-53, users' multilingual files), whose cases name their ``benchmark``."""
-    source = (((rows[0].get("doc") or {}).get("xke") or {}).get("source") or {}) if rows else {}
-    return task.startswith("bizsre") or "benchmark" in source
+def task_scorers(results: dict, tasks: list[str]) -> dict[str, Callable]:
+    """Each task's own ``process_results``, read from its YAML the way lm-eval reads it: the YAML that lm-eval's task
+    index (ours included) holds for the task's name, else the ``config_source`` the run recorded (a task of the
+    user's own ``--include_path`` folder, verified where that folder is). Tasks scored by lm-eval's built-in metrics
+    have none: their aggregates are still checked against the per-sample values."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own YAML loader (resolves !function and include)
+
+    index = TaskManager().task_index
+    scorers: dict[str, Callable] = {}
+    for task in tasks:
+        entry = index.get(task)
+        recorded = (((results.get("configs") or {}).get(task) or {}).get("metadata") or {}).get("config_source")
+        path = getattr(entry, "yaml_path", None) or (recorded if recorded and Path(recorded).is_file() else None)
+        if path is None:
+            continue
+        function = load_yaml(path, resolve_func=True).get("process_results")
+        if callable(function):
+            scorers[task] = function
+    return scorers
 
 
-def _check_sample(task: str, row: dict) -> int:
-    """Recompute one sample's scores from its read-outs or generations; return how many were checked."""
-    scores = recompute_sample(row)
+def _check_sample(task: str, row: dict, scorer: Callable) -> int:
+    """Recompute one sample's scores with the task's own scorer; return how many were checked."""
+    try:
+        scores = scorer(row.get("doc") or {}, row["filtered_resps"])
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise SubmissionError(f"{task} doc {row.get('doc_id')}: the logged answers cannot be scored ({err})") from None
     for key, value in scores.items():
         if key not in row:
             raise SubmissionError(f"{task} doc {row.get('doc_id')}: {key} is missing from the per-sample record")
         _expect(f"{task} doc {row.get('doc_id')} {key}", value, row[key])
     return len(scores)
-
-
-def recompute_sample(row: dict) -> dict[str, float]:
-    """Every per-sample score of one logged edit-case sample, from ``filtered_resps`` and the logged case, by the
-    tasks' own scorer (``parallel_cases.process_results``)."""
-    doc = row.get("doc") or {}
-    case = doc.get("xke")
-    if not case:
-        return {}
-    questions, responses = case["questions"], row["filtered_resps"]
-    if len(questions) != len(responses):
-        raise SubmissionError(f"doc {row.get('doc_id')}: {len(questions)} questions but {len(responses)} responses")
-    try:
-        return parallel_scores(doc, responses)
-    except (ValueError, KeyError, TypeError) as err:
-        raise SubmissionError(f"doc {row.get('doc_id')}: the logged answers cannot be scored ({err})") from None
 
 
 def _stderr(values: list[float]) -> float:
