@@ -19,6 +19,7 @@ import sys
 import zipfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -195,15 +196,23 @@ def _check_groups(results: dict) -> list[str]:
     return report
 
 
+@cache
+def _task_index() -> dict:
+    """lm-eval's index of every task it knows (ours included through the start-up hook); built once per process,
+    since indexing lm-eval's thousands of YAMLs takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
+
+
 def task_scorers(results: dict, tasks: list[str]) -> dict[str, Callable]:
     """Each task's own ``process_results``, read from its YAML the way lm-eval reads it: the YAML that lm-eval's task
     index (ours included) holds for the task's name, else the ``config_source`` the run recorded (a task of the
     user's own ``--include_path`` folder, verified where that folder is). Tasks scored by lm-eval's built-in metrics
     have none: their aggregates are still checked against the per-sample values."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own YAML loader (resolves !function and include)
 
-    index = TaskManager().task_index
+    index = _task_index()
     scorers: dict[str, Callable] = {}
     for task in tasks:
         entry = index.get(task)
