@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lm_eval_xke.data import flag_option
+
 BIZSRE_LANGS = ("en", "zh")
 # (column stem, role, question language: a code, "edit" for the edit language or "other" for the other one)
 BIZSRE_COLUMNS = (
@@ -122,8 +124,7 @@ def _edit_lang(task: str, family: str, metadata: dict) -> str:
     """The row's edit language; for a BMIKE-53 pair task ``<edit>><asked>`` (``en>de``, or ``de>en`` reversed)."""
     if family.startswith("bmike53"):
         lang = str(metadata.get("xke_bmike53_lang") or task.rsplit("_gen", 1)[0].rsplit("_", 1)[-1])
-        reverse = str(metadata.get("xke_reverse", "false")).lower() in ("true", "1", "yes", "on")
-        return f"{lang}>en" if reverse else f"en>{lang}"
+        return f"{lang}>en" if flag_option(metadata, "xke_reverse") else f"en>{lang}"
     return str(metadata.get("xke_edit_lang") or task.rsplit("_gen", 1)[0].rsplit("_", 1)[-1])
 
 

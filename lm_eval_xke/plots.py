@@ -125,7 +125,8 @@ def transfer_matrix(
     for file in files:
         data: dict[str, Any] = json.loads(Path(file).read_text(encoding="utf-8"))
         for task, values in (data.get("results") or {}).items():
-            if re.fullmatch(spec.pattern, task) and re.fullmatch(spec.pattern, task).group(1) in spec.langs:
+            named = re.fullmatch(spec.pattern, task)
+            if named and named.group(1) in spec.langs:
                 counts = (data.get("n-samples") or {}).get(task) or {}
                 edit = _edit_lang(task, spec, (data.get("configs") or {}).get(task) or {})
                 tasks[task] = (values, int(counts.get("effective", 0)), edit)
