@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.plugins.rome.compute import padding_id, split_prompt_target
+from lm_eval_xke.hidden_states import padding_id
+from lm_eval_xke.plugins.rome.compute import split_prompt_target
 from lm_eval_xke.stats import pad_right
 
 OBJECTIVES = ("prompt_last", "target_new")

@@ -16,7 +16,8 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
-from lm_eval_xke.plugins.rome.compute import _device, fact_token_index, padding_id, trace_module
+from lm_eval_xke.hidden_states import padding_id
+from lm_eval_xke.plugins.rome.compute import _device, fact_token_index, trace_module
 from lm_eval_xke.stats import pad_right
 
 

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from lm_eval_xke.backends.hf import project_reads
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
+from lm_eval_xke.hidden_states import padding_id
 from lm_eval_xke.stats import pad_right
 
 from .config import ValueHyperParams
@@ -117,13 +118,6 @@ def frozen_parameters(model) -> Iterator[None]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def padding_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 # ---------------------------------------------------------------- context templates

@@ -7,54 +7,13 @@ followed by a trained linear projection; ``p(in scope) = sigmoid(scale * cos + b
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lm_eval_xke.plugins.mend.compute import RunningNorm
-from lm_eval_xke.plugins.rome.compute import padding_id
-from lm_eval_xke.stats import pad_right
-
-
-class _Stop(Exception):
-    """Raised after the pooled block ran: the later blocks are not needed."""
-
-
-def decoder_blocks(model) -> nn.ModuleList:
-    """The model's list of transformer blocks (``model.layers``, GPT-2's ``transformer.h``...)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return module
-    raise ValueError(f"no list of {model.config.num_hidden_layers} blocks found in {type(model).__name__}")
-
-
-@contextlib.contextmanager
-def stop_after(block: nn.Module, record: dict) -> Iterator[None]:
-    def hook(_module, _args, output):
-        record["hidden"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def mean_pooled(model, tokenizer, block: nn.Module, texts: Sequence[str]) -> torch.Tensor:
-    """The block's output averaged over each text's tokens, ``[n, hidden]`` float32 (one padded forward pass)."""
-    device = next(model.parameters()).device
-    input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], padding_id(tokenizer), device)
-    record: dict = {}
-    with stop_after(block, record), contextlib.suppress(_Stop):
-        model(input_ids=input_ids, attention_mask=mask)
-    weights = mask[..., None].float()
-    return (record["hidden"].float() * weights).sum(1) / weights.sum(1)
 
 
 class ScopeHead(nn.Module):

@@ -1,0 +1,60 @@
+"""Reading a causal LM's hidden states: padding, its list of blocks, and mean-pooled block outputs.
+
+Shared by the editors that embed text with the evaluated model itself (SERAC's scope classifier, ReMaKE's
+retriever) and by the weight editors that batch prompts (``padding_id``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lm_eval_xke.stats import pad_right
+
+
+def padding_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end of sequence, else 0 (masked out either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+class _Stop(Exception):
+    """Raised after the pooled block ran: the later blocks are not needed."""
+
+
+def decoder_blocks(model) -> nn.ModuleList:
+    """The model's list of transformer blocks (``model.layers``, GPT-2's ``transformer.h``...)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
+            return module
+    raise ValueError(f"no list of {model.config.num_hidden_layers} blocks found in {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def stop_after(block: nn.Module, record: dict) -> Iterator[None]:
+    def hook(_module, _args, output):
+        record["hidden"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def mean_pooled(model, tokenizer, block: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    """The block's output averaged over each text's tokens, ``[n, hidden]`` float32 (one padded forward pass)."""
+    device = next(model.parameters()).device
+    input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], padding_id(tokenizer), device)
+    record: dict = {}
+    with stop_after(block, record), contextlib.suppress(_Stop):
+        model(input_ids=input_ids, attention_mask=mask)
+    weights = mask[..., None].float()
+    return (record["hidden"].float() * weights).sum(1) / weights.sum(1)
