@@ -1,0 +1,115 @@
+"""MIKE, multilingual in-context knowledge editing as run by BMIKE-53 (Nie et al., ACL 2025 Findings, arXiv
+2406.17764): BMIKE-53's fixed, typed manual demonstrations and the new fact are put in the prompt; no weight changes.
+
+An IKE-family method: it reuses IKE's chat-template placement and its bookkeeping of the edits in force. ``compute``
+reads the demonstrations and builds the context.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from weakref import WeakKeyDictionary
+
+from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
+from lm_eval_xke.parallel_data import BMIKE53_LANGS
+from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
+
+from .compute import DATASET_FILES, FILE_LANG, TYPES, Demo, available, load_demos, mike_context, select_demos
+from .config import MikeHyperParams
+
+
+class _InForce:
+    """One applied MIKE edit: its requests, its demonstrations, when it was applied."""
+
+    def __init__(self, requests: Sequence[EditRequest], demos: list[Demo], order: int) -> None:
+        self.requests = list(requests)
+        self.demos = demos
+        self.order = order
+
+
+class MikeEditor(Editor):
+    """Rewrites every post-edit question as BMIKE-53's demonstrations, the new fact, then the question."""
+
+    name = "mike"
+    hparams_class = MikeHyperParams
+    supports_batch = True
+
+    def __init__(self) -> None:
+        # per model, the MIKE edits in force, oldest first (sequential mode keeps several)
+        self._in_force: WeakKeyDictionary = WeakKeyDictionary()
+        self._applied = itertools.count()
+
+    def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
+        """Choose the demonstrations; the returned transform writes them and the new fact of this edit and of every
+        MIKE edit in force when it was applied (it keeps working after ``restore``, as the deferred vLLM path needs).
+
+        With several edits in force (``edit_mode=sequential``) the newest one's transform writes the context of all
+        of them (its demonstrations once, then every new fact); the older ones' transforms pass the prompt through
+        while a newer MIKE edit is in force, so each fact appears once.
+        """
+        hp = self.check_hparams(hparams)
+        demos = self.demonstrations(hp)
+        in_force = self._in_force.setdefault(model, [])
+        entry = _InForce(requests, demos, order=next(self._applied))
+        in_force.append(entry)
+        context = mike_context(demos, [r for e in in_force for r in e.requests])
+        layout = chat_layout(tokenizer)
+
+        def transform(prompt: str) -> str:
+            if any(e.order > entry.order for e in in_force):
+                return prompt  # a newer MIKE edit writes the context of this one too
+            return insert_context(prompt, context, layout)
+
+        def restore() -> None:
+            in_force[:] = [e for e in in_force if e is not entry]
+
+        info = {
+            "method": self.name,
+            "dataset": hp.dataset,
+            "demo_lang": hp.demo_lang,
+            "demonstrations": [d.id for d in demos],
+            "chat_template_marker": layout.opener if layout else None,
+        }
+        return AppliedEdit(restore=restore, prompt_transform=transform, info=info)
+
+    def demonstrations(self, hp: MikeHyperParams) -> list[Demo]:
+        if hp.shots == 0:
+            return []  # no file needed
+        demos = load_demos(hp.dataset, hp.demo_lang)
+        most = available(demos, hp.demo_types)
+        if hp.shots > most:
+            raise EditorError(
+                f"shots={hp.shots} but the {hp.dataset} manual file has {most} demonstrations of type(s) "
+                f"{'|'.join(hp.demo_types)}: lower shots (the paper runs 0, 1 and 8) or add demo_types"
+            )
+        return select_demos(demos, hp.shots, hp.demo_types, hp.order_seed)
+
+    def check_hparams(self, hparams: HyperParams) -> MikeHyperParams:
+        """Reject settings that cannot work, naming the field and the fix."""
+        if not isinstance(hparams, MikeHyperParams):
+            raise EditorError(f"editor 'mike' needs MikeHyperParams, got {type(hparams).__name__}")
+        if hparams.dataset not in DATASET_FILES:
+            raise EditorError(
+                f"dataset must be one of {' | '.join(DATASET_FILES)} (the task's BMIKE-53 dataset), got "
+                f"{hparams.dataset!r}"
+            )
+        if hparams.shots < 0:
+            raise EditorError(f"shots must be >= 0 (the paper runs 0, 1 and 8), got {hparams.shots}")
+        langs = sorted(set(BMIKE53_LANGS) | set(FILE_LANG.values()))
+        if hparams.demo_lang not in langs:
+            raise EditorError(
+                f"demo_lang must be en (English demonstrations) or a BMIKE-53 language code such as de or zh (the "
+                f"task's test language), got {hparams.demo_lang!r}; codes: {', '.join(langs)}"
+            )
+        bad = [t for t in hparams.demo_types if t not in TYPES]
+        if bad or len(set(hparams.demo_types)) != len(hparams.demo_types) or not hparams.demo_types:
+            raise EditorError(
+                f"demo_types must be distinct types from {'|'.join(TYPES)} (e.g. portability), got "
+                f"{'|'.join(hparams.demo_types) or 'none'}"
+            )
+        return hparams
+
+
+__all__ = ["MikeEditor", "MikeHyperParams"]
