@@ -102,7 +102,7 @@ def test_sequential_memory_is_undone_newest_first(trained, tiny_llama_dir):
     assert first.prompt_transform(question) == counterfactual(REQUESTS[0], question)
     assert first.prompt_transform(REQUESTS[1].prompt) == REQUESTS[1].prompt  # the second fact is forgotten
     first.restore()
-    assert editor._memory[model] == []
+    assert editor._memory.of(model) == []
     # a transform keeps the memory it was applied with (the deferred vLLM path asks after restore)
     assert second.prompt_transform(question) == counterfactual(REQUESTS[0], question)
 

@@ -2,33 +2,23 @@
 demonstrations are put in the prompt; no weight changes.
 
 ``pool.py`` reads the demonstration pool and retrieves from it; ``compute.py`` builds the demonstrations and the
-context, and places it in chat-rendered prompts. This module keeps, per model, the IKE edits that are in force.
+context, and places it in chat-rendered prompts. The edits in force are kept in ``lm_eval_xke.in_force``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
+from lm_eval_xke.in_force import EditsInForce
 
 from .compute import chat_layout, ike_context, insert_context, retrieve_demonstrations
 from .config import IkeHyperParams
 from .pool import DemoPool, default_entries, load_pool, parse_entry
 
 log = logging.getLogger("lm_eval.models.xke.ike")
-
-
-class _InForce:
-    """One applied IKE edit: its requests, each request's demonstrations (nearest first), when it was applied."""
-
-    def __init__(self, requests: Sequence[EditRequest], ranked: list[list[str]], order: int) -> None:
-        self.requests = list(requests)
-        self.ranked = ranked
-        self.order = order
 
 
 class IkeEditor(Editor):
@@ -39,10 +29,8 @@ class IkeEditor(Editor):
     supports_batch = True
 
     def __init__(self) -> None:
-        # per model, the IKE edits in force, oldest first (sequential mode keeps several)
-        self._in_force: WeakKeyDictionary = WeakKeyDictionary()
+        self._in_force = EditsInForce()  # kept with each edit: each request's demonstrations, nearest first
         self._fallbacks_told: set[str] = set()
-        self._applied = itertools.count()
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Retrieve the demonstrations; the returned transform writes the context of this edit and of every IKE edit
@@ -55,21 +43,17 @@ class IkeEditor(Editor):
         hp = self.check_hparams(hparams)
         pool = self.pool(hp) if hp.k > 0 else None
         ranked = [self.demonstrations(pool, r, hp) for r in requests] if pool else [[] for _ in requests]
-        in_force = self._in_force.setdefault(model, [])
-        entry = _InForce(requests, ranked, order=next(self._applied))
-        in_force.append(entry)
+        in_force = self._in_force.add(model, requests, ranked)
+        entry = in_force[-1]
         context = ike_context(
-            [r for e in in_force for r in e.requests], [demos for e in in_force for demos in e.ranked], hp.k
+            [r for e in in_force for r in e.requests], [demos for e in in_force for demos in e.kept], hp.k
         )
         layout = chat_layout(tokenizer)
 
         def transform(prompt: str) -> str:
-            if any(e.order > entry.order for e in in_force):
+            if entry.superseded():
                 return prompt  # a newer IKE edit writes the context of this one too
             return insert_context(prompt, context, layout)
-
-        def restore() -> None:
-            in_force[:] = [e for e in in_force if e is not entry]
 
         info = {
             "method": self.name,
@@ -77,7 +61,7 @@ class IkeEditor(Editor):
             "pool": pool.sources if pool else [],
             "chat_template_marker": layout.opener if layout else None,
         }
-        return AppliedEdit(restore=restore, prompt_transform=transform, info=info)
+        return AppliedEdit(restore=entry.withdraw, prompt_transform=transform, info=info)
 
     def check_hparams(self, hparams: HyperParams) -> IkeHyperParams:
         """Reject settings that cannot work, naming the fix."""

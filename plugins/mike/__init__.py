@@ -1,32 +1,22 @@
 """MIKE, multilingual in-context knowledge editing as run by BMIKE-53 (Nie et al., ACL 2025 Findings, arXiv
 2406.17764): BMIKE-53's fixed, typed manual demonstrations and the new fact are put in the prompt; no weight changes.
 
-An IKE-family method: it reuses IKE's chat-template placement and its bookkeeping of the edits in force. ``compute``
-reads the demonstrations and builds the context.
+An IKE-family method: it reuses IKE's chat-template placement, and keeps its edits in force as every prompt
+editor does (``lm_eval_xke.in_force``). ``compute`` reads the demonstrations and builds the context.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
+from lm_eval_xke.in_force import EditsInForce
 from lm_eval_xke.parallel_data import BMIKE53_LANGS
 from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
 
 from .compute import DATASET_FILES, FILE_LANG, TYPES, Demo, available, load_demos, mike_context, select_demos
 from .config import MikeHyperParams
-
-
-class _InForce:
-    """One applied MIKE edit: its requests, its demonstrations, when it was applied."""
-
-    def __init__(self, requests: Sequence[EditRequest], demos: list[Demo], order: int) -> None:
-        self.requests = list(requests)
-        self.demos = demos
-        self.order = order
 
 
 class MikeEditor(Editor):
@@ -37,9 +27,7 @@ class MikeEditor(Editor):
     supports_batch = True
 
     def __init__(self) -> None:
-        # per model, the MIKE edits in force, oldest first (sequential mode keeps several)
-        self._in_force: WeakKeyDictionary = WeakKeyDictionary()
-        self._applied = itertools.count()
+        self._in_force = EditsInForce()
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Choose the demonstrations; the returned transform writes them and the new fact of this edit and of every
@@ -51,19 +39,15 @@ class MikeEditor(Editor):
         """
         hp = self.check_hparams(hparams)
         demos = self.demonstrations(hp)
-        in_force = self._in_force.setdefault(model, [])
-        entry = _InForce(requests, demos, order=next(self._applied))
-        in_force.append(entry)
+        in_force = self._in_force.add(model, requests)
+        entry = in_force[-1]
         context = mike_context(demos, [r for e in in_force for r in e.requests])
         layout = chat_layout(tokenizer)
 
         def transform(prompt: str) -> str:
-            if any(e.order > entry.order for e in in_force):
+            if entry.superseded():
                 return prompt  # a newer MIKE edit writes the context of this one too
             return insert_context(prompt, context, layout)
-
-        def restore() -> None:
-            in_force[:] = [e for e in in_force if e is not entry]
 
         info = {
             "method": self.name,
@@ -72,7 +56,7 @@ class MikeEditor(Editor):
             "demonstrations": [d.id for d in demos],
             "chat_template_marker": layout.opener if layout else None,
         }
-        return AppliedEdit(restore=restore, prompt_transform=transform, info=info)
+        return AppliedEdit(restore=entry.withdraw, prompt_transform=transform, info=info)
 
     def demonstrations(self, hp: MikeHyperParams) -> list[Demo]:
         if hp.shots == 0:

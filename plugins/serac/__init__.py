@@ -9,15 +9,14 @@ prompted with the retrieved edit. No weight changes.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
 from lm_eval_xke.hidden_states import decoder_blocks, mean_pooled
+from lm_eval_xke.in_force import EditsInForce
 from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
 from lm_eval_xke.training import LoadedTrainables, Trainable, TrainRecord
 
@@ -76,15 +75,6 @@ class ScopeClassifier(Trainable):
         return result
 
 
-class _Remembered:
-    """One applied SERAC edit: its requests, their encoded keys, and when it was applied."""
-
-    def __init__(self, requests: Sequence[EditRequest], keys: torch.Tensor, order: int) -> None:
-        self.requests = list(requests)
-        self.keys = keys
-        self.order = order
-
-
 class SeracEditor(Editor):
     """SERAC: edit memory + scope classifier (trained) + counterfactual model (the base model given the edit)."""
 
@@ -96,8 +86,7 @@ class SeracEditor(Editor):
 
     def __init__(self) -> None:
         self._trained = LoadedTrainables(type(self), "scope classifier")
-        self._memory: WeakKeyDictionary = WeakKeyDictionary()  # per model, the edits in force, oldest first
-        self._applied = itertools.count()
+        self._memory = EditsInForce()  # kept with each edit: its requests' prompts encoded by the classifier
 
     @classmethod
     def make_trainable(cls, model, tokenizer, hp: SeracTrainHyperParams) -> ScopeClassifier:
@@ -112,16 +101,14 @@ class SeracEditor(Editor):
         """
         hp = self.check_hparams(hparams)
         classifier = self.classifier(model, tokenizer, hp)
-        memory = self._memory.setdefault(model, [])
-        entry = _Remembered(requests, classifier.encode([r.prompt for r in requests]), next(self._applied))
-        memory.append(entry)
-        snapshot = list(memory)
+        snapshot = self._memory.add(model, requests, classifier.encode([r.prompt for r in requests]))
+        entry = snapshot[-1]
         layout = chat_layout(tokenizer)
         requests_in_memory = [r for e in snapshot for r in e.requests]
-        keys = torch.cat([e.keys for e in snapshot])
+        keys = torch.cat([e.kept for e in snapshot])
 
         def transform(prompt: str) -> str:
-            if any(e.order > entry.order for e in memory):
+            if entry.superseded():
                 return prompt  # a newer SERAC edit retrieves over this one too
             start = layout.content_start(prompt) if layout else None
             question = prompt if start is None else prompt[start:]
@@ -134,11 +121,8 @@ class SeracEditor(Editor):
             context = hp.counterfactual_template.format(prompt=edit.prompt, target=edit.target_new)
             return insert_context(prompt, context, layout)
 
-        def restore() -> None:
-            memory[:] = [e for e in memory if e is not entry]
-
         info = {"method": self.name, "memory_size": len(requests_in_memory)}
-        return AppliedEdit(restore=restore, prompt_transform=transform, info=info)
+        return AppliedEdit(restore=entry.withdraw, prompt_transform=transform, info=info)
 
     def check_hparams(self, hparams: HyperParams) -> SeracHyperParams:
         if not isinstance(hparams, SeracHyperParams):
