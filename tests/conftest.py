@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_xke.testing import save_tiny_model
+from lm_eval_xke.testing import load_tiny, save_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,6 +57,26 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    """The tiny Llama and its tokenizer, loaded once per test module (a module may change and restore its weights)."""
+    return load_tiny(tiny_llama_dir)
+
+
+#: words of the small corpus the key-statistics tests estimate second moments on
+CORPUS_WORDS = "the of and river city king war music science school language north village island".split()
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small English text file for MLP key statistics, with the statistics cache in the test's own folder."""
+    monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    words = CORPUS_WORDS
+    path.write_text("\n".join(" ".join(words[(i * j) % len(words)] for j in range(10)) for i in range(80)))
+    return str(path)
 
 
 @pytest.fixture(scope="module")

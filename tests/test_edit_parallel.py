@@ -11,7 +11,7 @@ from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.rome import RomeEditor
 from lm_eval_xke.plugins.rome.compute import compute_v, compute_values
-from lm_eval_xke.testing import capital_city_case, load_tiny, loglikelihood_requests, parameter_hashes
+from lm_eval_xke.testing import capital_city_case, loglikelihood_requests, parameter_hashes
 
 # few templates, no decay and a loose clamp (a random model's values are tiny); an early stop that some requests
 # reach within the steps and others do not, so that the batch shrinks while the others go on
@@ -35,11 +35,6 @@ REQUESTS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_tiny(tiny_llama_dir)
 
 
 def setup(tiny, early_stop_loss: float, **overrides):

@@ -12,7 +12,7 @@ from lm_eval_xke.plugins.alphaedit.compute import null_space_projection
 from lm_eval_xke.plugins.langedit import LangEditEditor
 from lm_eval_xke.plugins.langedit.compute import blend_coefficients, blended_second_moment, language_null_space
 from lm_eval_xke.plugins.memit.compute import compute_ks
-from lm_eval_xke.testing import load_tiny, parameter_hashes
+from lm_eval_xke.testing import parameter_hashes
 
 # as tests/test_memit.py: a random tiny model's values are tiny, so no decay, a loose clamp, few templates
 TINY = dict(
@@ -29,23 +29,9 @@ TINY = dict(
 # weighs almost nothing in the blend (N = 1e-6, m = 1), the threshold 1e-3 keeps every direction but those of the
 # earlier edits' keys. (LangEdit's N = 1e5, m = 100 assume LLaMA-sized keys.)
 PROTECT = {"nullspace_threshold": 1e-3, "blend_corpus_count": 1e-6, "blend_edit_count": 1.0}
-WORDS = "the of and river city king war music science school language north village island".split()
 MODULES = ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_tiny(tiny_llama_dir)
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(" ".join(WORDS[(i * j) % len(WORDS)] for j in range(10)) for i in range(80)))
-    return str(path)
 
 
 def request(lang: str) -> EditRequest:

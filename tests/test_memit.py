@@ -11,7 +11,7 @@ from lm_eval_xke.plugins.alphaedit import AlphaEditEditor
 from lm_eval_xke.plugins.alphaedit.compute import null_space_projection, projected_update
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.memit.compute import compute_ks, least_squares_update
-from lm_eval_xke.testing import load_tiny, parameter_hashes
+from lm_eval_xke.testing import parameter_hashes
 
 # A random tiny model's values are tiny (||v_init|| ~ 0.02): no decay, a loose clamp, few templates, a small corpus.
 TINY = dict(
@@ -25,23 +25,9 @@ TINY = dict(
 )
 # random keys have no null space worth the name: keep every direction, and a ridge on the tiny keys' scale
 ALPHA_TINY = {"nullspace_threshold": 1e9, "update_l2": 1e-4}
-WORDS = "the of and river city king war music science school language north village island".split()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_tiny(tiny_llama_dir)
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(" ".join(WORDS[(i * j) % len(WORDS)] for j in range(10)) for i in range(80)))
-    return str(path)
 
 
 def requests() -> list[EditRequest]:

@@ -9,15 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lm_eval_xke import stats
-from lm_eval_xke.testing import load_tiny
 
 WORDS = "the of and river city king war music science school language north village island".split()
 LAYERS = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1, 2)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_tiny(tiny_llama_dir)
 
 
 @pytest.fixture
