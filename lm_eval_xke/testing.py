@@ -16,6 +16,19 @@ CHAT_TEMPLATE = (
 )
 
 
+#: MEMIT-family hyper-parameters for the tiny random models: their values are tiny (||v_init|| ~ 0.02), so no
+#: decay, a loose clamp, few context templates, a small corpus
+TINY_MEMIT_HPARAMS = dict(
+    layers="1|2",
+    context_template_lengths="5",
+    context_templates_per_length=2,
+    clamp_norm_factor=100.0,
+    v_weight_decay=0.0,
+    v_num_grad_steps=15,
+    mom2_n_tokens=1500,
+)
+
+
 def byte_level_tokenizer():
     """A fast tokenizer with one token per byte plus ``<s>``, ``</s>``, ``<pad>``; adds ``<s>`` in front."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

@@ -12,19 +12,9 @@ from lm_eval_xke.plugins.alphaedit.compute import null_space_projection
 from lm_eval_xke.plugins.langedit import LangEditEditor
 from lm_eval_xke.plugins.langedit.compute import blend_coefficients, blended_second_moment, language_null_space
 from lm_eval_xke.plugins.memit.compute import compute_ks
-from lm_eval_xke.testing import parameter_hashes
+from lm_eval_xke.testing import TINY_MEMIT_HPARAMS, parameter_hashes
 
-# as tests/test_memit.py: a random tiny model's values are tiny, so no decay, a loose clamp, few templates
-TINY = dict(
-    layers="1|2",
-    context_template_lengths="5",
-    context_templates_per_length=2,
-    clamp_norm_factor=100.0,
-    v_weight_decay=0.0,
-    v_num_grad_steps=15,
-    mom2_n_tokens=1500,
-    update_l2=1e-4,
-)
+TINY = {**TINY_MEMIT_HPARAMS, "update_l2": 1e-4}
 # The tiny corpus moment's eigenvalues are <= 0.0064 and an edited key's squared norm ~0.01-0.03: once the corpus
 # weighs almost nothing in the blend (N = 1e-6, m = 1), the threshold 1e-3 keeps every direction but those of the
 # earlier edits' keys. (LangEdit's N = 1e5, m = 100 assume LLaMA-sized keys.)

@@ -11,18 +11,9 @@ from lm_eval_xke.plugins.alphaedit import AlphaEditEditor
 from lm_eval_xke.plugins.alphaedit.compute import null_space_projection, projected_update
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.memit.compute import compute_ks, least_squares_update
-from lm_eval_xke.testing import parameter_hashes
+from lm_eval_xke.testing import TINY_MEMIT_HPARAMS, parameter_hashes
 
-# A random tiny model's values are tiny (||v_init|| ~ 0.02): no decay, a loose clamp, few templates, a small corpus.
-TINY = dict(
-    layers="1|2",
-    context_template_lengths="5",
-    context_templates_per_length=2,
-    clamp_norm_factor=100.0,
-    v_weight_decay=0.0,
-    v_num_grad_steps=15,
-    mom2_n_tokens=1500,
-)
+TINY = TINY_MEMIT_HPARAMS
 # random keys have no null space worth the name: keep every direction, and a ridge on the tiny keys' scale
 ALPHA_TINY = {"nullspace_threshold": 1e9, "update_l2": 1e-4}
 
