@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.cases import EditRequest, Question
 
 ENTRY_POINT_GROUP = "lm_eval_xke.editors"
 
@@ -51,8 +51,10 @@ class WeightDelta:
 class AppliedEdit:
     """A handle on an edit that has been applied to a model.
 
-    ``restore()`` undoes it exactly. Weight editors fill ``deltas``; prompt editors set
-    ``prompt_transform``; memory editors may install forward wrappers and undo them in ``restore``.
+    ``restore()`` undoes it exactly. Weight editors fill ``deltas``; prompt editors set ``prompt_transform``
+    (the rendered prompt in, the prompt to answer out) or, when the rewrite depends on what is asked (its language,
+    its role), ``question_transform``, which also gets the :class:`~lm_eval_xke.cases.Question`; memory editors may
+    install forward wrappers and undo them in ``restore``.
     """
 
     def __init__(
@@ -61,12 +63,28 @@ class AppliedEdit:
         deltas: Sequence[WeightDelta] = (),
         prompt_transform: Callable[[str], str] | None = None,
         info: Mapping[str, Any] | None = None,
+        question_transform: Callable[[str, Question], str] | None = None,
     ) -> None:
+        if prompt_transform is not None and question_transform is not None:
+            raise ValueError("an edit rewrites prompts with prompt_transform or question_transform, not both")
         self._restore = restore
         self.deltas = tuple(deltas)
         self.prompt_transform = prompt_transform
+        self.question_transform = question_transform
         self.info = dict(info or {})
         self.restored = False
+
+    @property
+    def rewrites_prompts(self) -> bool:
+        return self.prompt_transform is not None or self.question_transform is not None
+
+    def rewrite(self, prompt: str, question: Question) -> str:
+        """The prompt to answer ``question`` with under this edit (``prompt`` as rendered by the task)."""
+        if self.question_transform is not None:
+            return self.question_transform(prompt, question)
+        if self.prompt_transform is not None:
+            return self.prompt_transform(prompt)
+        return prompt
 
     def restore(self) -> None:
         if self.restored:
@@ -147,6 +165,11 @@ class Editor(ABC):
         cases here (e.g. one batched optimisation for all of them).
         """
         raise EditorError(f"editor '{self.name}' cannot plan edits in parallel; editors that can: {parallel_editors()}")
+
+    def report(self) -> dict[str, Any]:
+        """What the editor measured over the run (e.g. a retriever's accuracy), for ``config.xke.editor_report``;
+        empty by default. Counted over the questions this process answered (not those read from a journal)."""
+        return {}
 
     def resolve_hparams(
         self, model_type: str, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None

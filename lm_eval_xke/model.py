@@ -27,7 +27,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase
+from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase, Question
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, EditPlan, get_editor, hparam_fields, parallel_editors
 from lm_eval_xke.failed_edits import failed_answer, non_finite_reason
 from lm_eval_xke.journal import CaseEntry, Journal, JournalError, digest, journal_enabled, journal_path
@@ -260,6 +260,7 @@ class XKELM(LM):
             # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
             "f1_tokenizer": self.tokenizer_name,
             **self._run.summary(),
+            "editor_report": self.editor.report(),
         }
         return info
 
@@ -566,8 +567,8 @@ class XKELM(LM):
             for p in dict.fromkeys(group_positions):
                 instance = requests[p]
                 for edit in edits:  # prompt editors (IKE) rewrite the prompt; weight editors leave it alone
-                    if edit.prompt_transform is not None:
-                        instance = _with_context(instance, edit.prompt_transform(instance.args[0]))
+                    if edit.rewrites_prompts:
+                        instance = _with_context(instance, edit.rewrite(instance.args[0], _question(instance)))
                 positions.append(p)
                 instances.append(instance)
                 under.append(edits)
@@ -693,6 +694,12 @@ def _code_digest(editor_cls: type) -> str:
 def _is_edit_request(request) -> bool:
     doc = getattr(request, "doc", None)
     return isinstance(doc, dict) and bool(doc.get("xke"))
+
+
+def _question(instance) -> Question:
+    """The question an edit-case request asks (lm-eval's ``idx`` numbers the case's questions)."""
+    data = instance.doc["xke"]["questions"][instance.idx]
+    return Question(**{**data, "answers": tuple(data["answers"])})
 
 
 def _with_context(instance, context: str):

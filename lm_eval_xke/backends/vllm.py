@@ -270,7 +270,7 @@ class VLLMBackend:
         if self.architecture is None:
             return f"vLLM does not implement {self.hf.model.config.architectures}"
         # AppliedEdit keeps its undo private; an undo without deltas or prompt transform changed something unnamed
-        if not edit.deltas and edit.prompt_transform is None and edit._restore is not None:
+        if not edit.deltas and not edit.rewrites_prompts and edit._restore is not None:
             return (
                 "the edit changed the model without reporting weight deltas (dense fine-tuning such as ft_l/ft_m, "
                 "or a memory editor), which vLLM cannot replay"
