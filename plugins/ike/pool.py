@@ -13,6 +13,7 @@ treats every script alike (Chinese has no spaces to split words on), and is dete
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,6 +24,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from lm_eval_xke.data import DataFile, DataNotFoundError, locate
 from lm_eval_xke.editors import EditorError
+
+log = logging.getLogger("lm_eval.models.xke.pool")
 
 #: The default pool: the MzsRE training pairs (en, and their line-by-line zh translation) for the facts, then the
 #: full English ZsRE training records (same order) for paraphrases and unrelated (retain) questions.
@@ -108,8 +111,10 @@ def _txt_records(path: Path) -> list[PoolRecord]:
     records = []
     for number, line in enumerate(lines, start=1):
         parts = line.rstrip("\r").split("\t")
-        if line.strip() and len(parts) != 2:
+        if len(parts) > 2:
             raise EditorError(f"{path}:{number}: expected 'question<TAB>answer', got {len(parts) - 1} tabs")
+        # a question without a tab has no answer (the translated ReMaKE pools have 35, where the English answer is
+        # empty): like an empty line, it is a record without a pair, counted in ``DemoPool.unpaired``
         question, answer = (p.strip() for p in parts) if len(parts) == 2 else ("", "")
         records.append(PoolRecord(question, answer) if question and answer else PoolRecord())
     return records
@@ -186,18 +191,26 @@ class LanguageIndex:
 class DemoPool:
     """The facts of a pool and one retrieval index per language."""
 
-    def __init__(self, facts: list[PoolFact], sources: list[str]) -> None:
+    def __init__(self, facts: list[PoolFact], sources: list[str], unpaired: dict[str, int] | None = None) -> None:
         if not facts:
             raise EditorError(f"the demonstration pool {sources} holds no question-answer pairs")
         self.facts = facts
         self.sources = sources
+        self.unpaired = dict(unpaired or {})  # per source, its records without a question-answer pair (unused)
         self.langs = sorted({lang for f in facts for lang in f.answers})
         self._indexes: dict[str, LanguageIndex] = {}
 
     @classmethod
     def load(cls, entries: Sequence[tuple[str, Path]]) -> DemoPool:
         files = [(lang, path, read_records(path)) for lang, path in entries]
-        return cls(merge_records(files), [f"{lang}:{path}" for lang, path in entries])
+        unpaired = {
+            f"{lang}:{path}": missing
+            for lang, path, records in files
+            if (missing := sum(1 for r in records if not (r.question and r.answer)))
+        }
+        if unpaired:
+            log.info("demonstration pool: records without a question-answer pair (not used): %s", unpaired)
+        return cls(merge_records(files), [f"{lang}:{path}" for lang, path in entries], unpaired)
 
     def nearest(self, lang: str, text: str, k: int) -> list[int]:
         if lang not in self._indexes:  # built on first use: most runs edit in one or two languages
