@@ -176,3 +176,20 @@ BMIKE53_SHA256 = {
     "zsRE/zsre_test_zh.json": "107245e5e333fa986bd6c1caa69dcffdf04cb272aaa720490972a5af5fb5fb1d",
 }
 # fmt: on
+
+#: ReMaKE's demonstration pools (``weixuan-wang123/ReMaKE@975a9e9069``, ``data/``): the ZsRE training pairs and their
+#: line-by-line translations, keyed by the repository's language code (``cz`` Czech, ``du`` Dutch).
+REMAKE_POOL_SHA256 = {
+    "cz": "f60d250c0748d796ab8b57a91490ca3fcc06af6c390876130b5bd7b551548e7a",
+    "de": "c5e5a9f6286f6682798cb26495cf60218bef373b21d122e93e35ee0f64f0ed44",
+    "du": "2a596a8e3d6ab142ec34772ed097cf653791a4127986b8d2499ec98dde17d767",
+    "en": "247d69166cf25380471f9373345562f117e67df506228db178b0e734614610fb",
+    "es": "ecf0f44ef27408b09728deb1dc1c4116150d9f5438706aec8abf533b09e750ce",
+    "fr": "5600b0ad3bd3285590937a3432bca827b6dce224960a0a9890df92bca594d417",
+    "pt": "0e0dade4d4322396ea5a60b9d851f0616170df221ab6534827d7f38b7f3ec1e0",
+    "ru": "9c016b47474c5faba23ded4f50b8016300c809517793b4b2f4c39cf2408d0625",
+    "th": "b3f42d1d93563b0a3ca44dcd0a1b0b2d5bb8ab88602891a9e1c3d9e3e2874f01",
+    "tr": "957a3298d319fc2c536b1a28dd6a1790ed6e2f66ce1ebd3cf70488c9dcf0aba4",
+    "vi": "1c1f319ec955f7f7cbaa63da8b7fff9f3c3e5a90326b67de52ff9313dab727e9",
+    "zh": "3884471ec1ea2c32a5809a0fad6d7d701fec3fdb6465f87a3b37fefec0ca56b4",
+}
