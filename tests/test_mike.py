@@ -26,6 +26,7 @@ from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer
 EDIT = EditRequest("What is the capital of Ruritania?", "Ruritania", "Zenda", "en")
 OTHER = EditRequest("Which river flows through Vienna?", "Vienna", "Seine", "en")
 FACT = "New Fact: What is the capital of Ruritania? Zenda\n"
+ASKED = Question("reliability", "en", "Q?", ("Zenda",))  # the question a transform rewrites (its language matters)
 
 # The English demonstrations of zsre.json that 1 and 8 shots use (id: new_fact, prompt), copied from the file.
 ZSRE = {
@@ -91,12 +92,12 @@ def test_zero_shot_is_the_new_fact_and_needs_no_data(monkeypatch, tmp_path):
     monkeypatch.setenv("XKE_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path))
     edit = apply(shots=0)
-    assert edit.prompt_transform("Q?") == FACT + "Prompt: Q?"
+    assert edit.rewrite("Q?", ASKED) == FACT + "Prompt: Q?"
     assert edit.info["demonstrations"] == []
 
 
 def test_one_shot_is_the_files_first_copy_demonstration(manual):
-    prompt = apply(shots=1).prompt_transform("Q?")
+    prompt = apply(shots=1).rewrite("Q?", ASKED)
     assert prompt == demo(*ZSRE[1]) + FACT + "Prompt: Q?"
 
 
@@ -104,25 +105,34 @@ def test_eight_shots_are_two_of_each_type_in_a_seeded_order(manual):
     edit = apply()  # the defaults: 8 shots, all four types, order_seed 0
     order = [9, 2, 3, 5, 1, 7, 8, 6]  # copy 1 9, update 2 3, retain 5 6, portability 7 8, shuffled with seed 0
     assert edit.info["demonstrations"] == order
-    assert edit.prompt_transform("Q?") == "".join(demo(*ZSRE[i]) for i in order) + FACT + "Prompt: Q?"
+    assert edit.rewrite("Q?", ASKED) == "".join(demo(*ZSRE[i]) for i in order) + FACT + "Prompt: Q?"
     reseeded = apply(order_seed=1).info["demonstrations"]
     assert sorted(reseeded) == sorted(order) and reseeded != order
 
 
 def test_cross_lingual_set_has_english_facts_and_translated_prompts(manual):
-    german = apply(shots=1, demo_lang="de").prompt_transform("Q?")
+    german = apply(shots=1, demo_lang="de").rewrite("Q?", ASKED)
     # the translation is of the whole prompt (question and answer, here without a space), used as it is
     translated = "In welchem \u200b\u200bKrieg hat Jesse Orin Creech gekämpft?Erster Weltkrieg"
     assert german == demo(ZSRE[1][0], translated) + FACT + "Prompt: Q?"
-    chinese = apply(shots=1, demo_lang="zh").prompt_transform("Q?")  # the harness's zh is the file's zh-cn
+    chinese = apply(shots=1, demo_lang="zh").rewrite("Q?", ASKED)  # the harness's zh is the file's zh-cn
     assert chinese.startswith(f"New Fact: {ZSRE[1][0]} \nPrompt: 杰西·奥林·克里奇")
+
+
+def test_demo_lang_question_gives_each_question_its_own_languages_set(manual):
+    edit = apply(shots=1, demo_lang="question")
+    assert edit.rewrite("Q?", ASKED) == apply(shots=1).rewrite("Q?", ASKED)  # English: the monolingual set
+    german = Question("reliability", "de", "Q?", ("Zenda",))
+    assert edit.rewrite("Q?", german) == apply(shots=1, demo_lang="de").rewrite("Q?", ASKED)
+    klingon = Question("reliability", "tlh", "Q?", ("Zenda",))  # not a BMIKE-53 language: the English set
+    assert edit.rewrite("Q?", klingon) == apply(shots=1).rewrite("Q?", ASKED)
 
 
 def test_metric_specific_demonstrations_and_other_datasets(manual):
     assert apply(demo_types=["portability"]).info["demonstrations"] == [23, 8, 24, 15, 7, 16, 32, 31]
     with pytest.raises(EditorError, match=r"shots=5 but .* 4 demonstrations of type\(s\) copy"):
         apply(shots=5, demo_types=["copy"])
-    counterfact = apply(shots=1, dataset="counterfact").prompt_transform("Q?")
+    counterfact = apply(shots=1, dataset="counterfact").rewrite("Q?", ASKED)
     fact = "The headquarter of Monell Chemical Senses Center is located in Mumbai"
     assert counterfact == demo(fact, fact) + FACT + "Prompt: Q?"
 
@@ -145,7 +155,7 @@ def test_missing_manual_files_say_how_to_fix_it(monkeypatch, tmp_path):
     [
         ({"dataset": "mzsre"}, r"dataset must be one of zsre \| counterfact \| wfd"),
         ({"shots": -1}, r"shots must be >= 0"),
-        ({"demo_lang": "xx"}, r"demo_lang must be en .* got 'xx'"),
+        ({"demo_lang": "xx"}, r"demo_lang must be en .* or question \(each question's own\), got 'xx'"),
         ({"demo_types": ["copy", "paraphrase"]}, r"demo_types must be distinct types from copy\|update"),
         ({"demo_types": ["copy", "copy"]}, r"demo_types must be distinct"),
     ],
@@ -167,30 +177,30 @@ def test_context_goes_at_the_start_of_the_user_turn():
         tokenize=False,
         add_generation_prompt=True,
     )
-    assert edit.prompt_transform(rendered) == f"<|system|>Be brief.\n<|user|>{FACT}Prompt: Q?\n<|assistant|>"
-    assert edit.prompt_transform("Plain?") == FACT + "Prompt: Plain?"  # no template: in front
+    assert edit.rewrite(rendered, ASKED) == f"<|system|>Be brief.\n<|user|>{FACT}Prompt: Q?\n<|assistant|>"
+    assert edit.rewrite("Plain?", ASKED) == FACT + "Prompt: Plain?"  # no template: in front
     assert edit.info["chat_template_marker"] == "<|user|>"
 
 
 def test_batch_edit_states_every_fact_after_the_demonstrations(manual):
-    prompt = apply([EDIT, OTHER], shots=1).prompt_transform("Q?")
+    prompt = apply([EDIT, OTHER], shots=1).rewrite("Q?", ASKED)
     assert prompt == demo(*ZSRE[1]) + FACT + f"New Fact: {OTHER.prompt} Seine\nPrompt: Q?"
 
 
 def test_sequential_edits_write_each_fact_and_the_demonstrations_once(manual):
     editor, model = MikeEditor(), Model()
     first = editor.apply(model, None, [EDIT], hparams(shots=1))
-    alone = first.prompt_transform("Q?")
+    alone = first.rewrite("Q?", ASKED)
     second = editor.apply(model, None, [OTHER], hparams(shots=1))
-    assert first.prompt_transform("Q?") == "Q?"  # the newer edit writes the context of both
-    both = second.prompt_transform(first.prompt_transform("Q?"))
+    assert first.rewrite("Q?", ASKED) == "Q?"  # the newer edit writes the context of both
+    both = second.rewrite(first.rewrite("Q?", ASKED), ASKED)
     assert both == demo(*ZSRE[1]) + FACT + f"New Fact: {OTHER.prompt} Seine\nPrompt: Q?"
     second.restore()
-    assert first.prompt_transform("Q?") == alone
+    assert first.rewrite("Q?", ASKED) == alone
     first.restore()
     # a restored edit still describes itself: the deferred (vLLM) path asks its questions after the restore
-    assert first.prompt_transform("Q?") == alone and second.prompt_transform("Q?") == both
-    third = editor.apply(model, None, [OTHER], hparams(shots=1)).prompt_transform("Q?")
+    assert first.rewrite("Q?", ASKED) == alone and second.rewrite("Q?", ASKED) == both
+    third = editor.apply(model, None, [OTHER], hparams(shots=1)).rewrite("Q?", ASKED)
     assert third == demo(*ZSRE[1]) + f"New Fact: {OTHER.prompt} Seine\nPrompt: Q?"
 
 

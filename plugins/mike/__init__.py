@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.cases import EditRequest, Question
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
 from lm_eval_xke.in_force import EditsInForce
 from lm_eval_xke.parallel_data import BMIKE53_LANGS
 from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
 
 from .compute import DATASET_FILES, FILE_LANG, TYPES, Demo, available, load_demos, mike_context, select_demos
-from .config import MikeHyperParams
+from .config import QUESTION_LANG, MikeHyperParams
 
 
 class MikeEditor(Editor):
@@ -38,16 +38,21 @@ class MikeEditor(Editor):
         while a newer MIKE edit is in force, so each fact appears once.
         """
         hp = self.check_hparams(hparams)
-        demos = self.demonstrations(hp)
         in_force = self._in_force.add(model, requests)
         entry = in_force[-1]
-        context = mike_context(demos, [r for e in in_force for r in e.requests])
+        facts = [r for e in in_force for r in e.requests]
         layout = chat_layout(tokenizer)
+        first = self.demo_lang(hp.demo_lang)  # read now: a missing file fails the edit, not a question
+        demos = self.demonstrations(hp, first)
+        contexts = {first: mike_context(demos, facts)}
 
-        def transform(prompt: str) -> str:
+        def transform(prompt: str, question: Question) -> str:
             if entry.superseded():
                 return prompt  # a newer MIKE edit writes the context of this one too
-            return insert_context(prompt, context, layout)
+            lang = self.demo_lang(hp.demo_lang, question.lang)
+            if lang not in contexts:
+                contexts[lang] = mike_context(self.demonstrations(hp, lang), facts)
+            return insert_context(prompt, contexts[lang], layout)
 
         info = {
             "method": self.name,
@@ -56,12 +61,20 @@ class MikeEditor(Editor):
             "demonstrations": [d.id for d in demos],
             "chat_template_marker": layout.opener if layout else None,
         }
-        return AppliedEdit(restore=entry.withdraw, prompt_transform=transform, info=info)
+        return AppliedEdit(restore=entry.withdraw, question_transform=transform, info=info)
 
-    def demonstrations(self, hp: MikeHyperParams) -> list[Demo]:
+    @staticmethod
+    def demo_lang(setting: str, question_lang: str = "en") -> str:
+        """The language of the demonstrations' prompts: the setting, or with ``question`` the question's language
+        when BMIKE-53 has it (else English)."""
+        if setting != QUESTION_LANG:
+            return setting
+        return question_lang if question_lang in set(BMIKE53_LANGS) | set(FILE_LANG.values()) else "en"
+
+    def demonstrations(self, hp: MikeHyperParams, lang: str) -> list[Demo]:
         if hp.shots == 0:
             return []  # no file needed
-        demos = load_demos(hp.dataset, hp.demo_lang)
+        demos = load_demos(hp.dataset, lang)
         most = available(demos, hp.demo_types)
         if hp.shots > most:
             raise EditorError(
@@ -82,10 +95,11 @@ class MikeEditor(Editor):
         if hparams.shots < 0:
             raise EditorError(f"shots must be >= 0 (the paper runs 0, 1 and 8), got {hparams.shots}")
         langs = sorted(set(BMIKE53_LANGS) | set(FILE_LANG.values()))
-        if hparams.demo_lang not in langs:
+        if hparams.demo_lang not in [*langs, QUESTION_LANG]:
             raise EditorError(
-                f"demo_lang must be en (English demonstrations) or a BMIKE-53 language code such as de or zh (the "
-                f"task's test language), got {hparams.demo_lang!r}; codes: {', '.join(langs)}"
+                f"demo_lang must be en (English demonstrations), a BMIKE-53 language code such as de or zh (the "
+                f"task's test language) or {QUESTION_LANG} (each question's own), got {hparams.demo_lang!r}; codes: "
+                f"{', '.join(langs)}"
             )
         bad = [t for t in hparams.demo_types if t not in TYPES]
         if bad or len(set(hparams.demo_types)) != len(hparams.demo_types) or not hparams.demo_types:

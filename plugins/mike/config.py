@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from lm_eval_xke.editors import HyperParams
 
+#: ``demo_lang`` value: each question gets the demonstration set of its own language.
+QUESTION_LANG = "question"
+
 
 @dataclass
 class MikeHyperParams(HyperParams):
@@ -28,7 +31,7 @@ class MikeHyperParams(HyperParams):
         metadata={
             "help": "language of the demonstrations' prompts: en (monolingual English set) or a BMIKE-53 code such "
             "as de or zh (cross-lingual set: English new fact, prompt translated; the paper uses the task's test "
-            "language)"
+            "language), or question: each question's own language (English questions: the English set)"
         },
     )
     demo_types: list[str] = field(
