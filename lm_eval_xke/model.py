@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import sys
@@ -46,6 +47,12 @@ EDIT_MODE_SEMANTICS = {
     ),
 }
 EDIT_MODES = tuple(EDIT_MODE_SEMANTICS)
+#: The order in which ``edit_mode=sequential`` applies the cases of several tasks.
+EDIT_ORDER_SEMANTICS = {
+    "dataset": "task after task, each in dataset order",
+    "interleave": "round-robin over the tasks (first case of each task, then the second...), e.g. alternating edit "
+    "languages with --tasks bizsre_en,bizsre_zh",
+}
 #: Appended to the semantics of a run sharded by ``accelerate launch`` (lm-eval gives process r every n-th doc).
 SHARDED_SEMANTICS = (
     "; sharded over {n} processes: each edits and answers one case in {n} (doc ids equal to its rank modulo {n}), "
@@ -94,7 +101,8 @@ class XKELM(LM):
 
     model_args: ``editor`` (registry name, default ``none``), ``editor_config`` (YAML file of
     hyper-parameters), any hyper-parameter of the chosen editor by name, ``edit_mode``
-    (single | batch | sequential), ``edit_batch_size``, ``edit_parallel`` (single mode: plan this many cases' edits
+    (single | batch | sequential), ``edit_order`` (sequential: ``dataset`` or ``interleave`` the tasks' cases),
+    ``edit_batch_size``, ``edit_parallel`` (single mode: plan this many cases' edits
     in one batched computation against the unedited model, then apply, answer and restore them one by one; editors
     with ``supports_parallel``), ``backend`` (hf | vllm), ``seed``, ``journal`` (``auto``:
     a resumable journal of finished cases under ``$XKE_CACHE_DIR/journals``; a file or folder; ``off``),
@@ -120,6 +128,7 @@ class XKELM(LM):
         editor: str = "none",
         editor_config: str | None = None,
         edit_mode: str = "single",
+        edit_order: str = "dataset",
         edit_batch_size: int = 1,
         edit_parallel: int = 1,
         backend: str = "hf",
@@ -132,6 +141,13 @@ class XKELM(LM):
         editor = "none" if editor is None else str(editor)  # lm-eval parses the model_arg `none` to None
         if edit_mode not in EDIT_MODES:
             raise EditorError(f"edit_mode must be one of {', '.join(EDIT_MODES)}, got {edit_mode!r}")
+        if edit_order not in EDIT_ORDER_SEMANTICS:
+            raise EditorError(f"edit_order must be one of {', '.join(EDIT_ORDER_SEMANTICS)}, got {edit_order!r}")
+        if edit_order != "dataset" and edit_mode != "sequential":
+            raise EditorError(
+                f"edit_order={edit_order} orders the edits of edit_mode=sequential (got edit_mode={edit_mode}), where "
+                "they accumulate; in other modes every case is edited from the unedited model"
+            )
         if backend not in BACKENDS:
             raise EditorError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         editor_cls = get_editor(editor)
@@ -162,6 +178,7 @@ class XKELM(LM):
         model_type = getattr(self.backend.model.config, "model_type", "")
         self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides)
         self.edit_mode = edit_mode
+        self.edit_order = edit_order
         self.edit_batch_size = edit_batch_size if edit_mode == "batch" else 1
         self.edit_parallel = edit_parallel
         self._plans: dict[tuple[str, int], tuple[EditPlan, float]] = {}  # per case: its plan, its planning seconds
@@ -249,6 +266,7 @@ class XKELM(LM):
             "edit_mode": self.edit_mode,
             "edit_mode_semantics": EDIT_MODE_SEMANTICS[self.edit_mode]
             + (SHARDED_SEMANTICS.format(n=self.world_size) if self.world_size > 1 else ""),
+            "edit_order": self.edit_order,
             "world_size": self.world_size,
             "edit_batch_size": self.edit_batch_size,
             "edit_parallel": self.edit_parallel,
@@ -301,7 +319,8 @@ class XKELM(LM):
                 return results
             self._answer_positions(requests, pre, answer, results)
             if self.edit_mode == "sequential":
-                self._run_sequential(requests, works, answer, results, journal, done)
+                ordered = interleaved(works) if self.edit_order == "interleave" else works
+                self._run_sequential(requests, ordered, answer, results, journal, done)
             else:
                 self._run_chunks(requests, works, answer, results, journal, done)
         finally:
@@ -498,6 +517,7 @@ class XKELM(LM):
             "code": _code_digest(type(self.editor)),
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
+            "edit_order": self.edit_order,
             "edit_batch_size": self.edit_batch_size,
             "edit_parallel": self.edit_parallel,
             "seed": self.seed,
@@ -696,6 +716,15 @@ def _is_edit_request(request) -> bool:
     return isinstance(doc, dict) and bool(doc.get("xke"))
 
 
+def interleaved(works: list[_CaseWork]) -> list[_CaseWork]:
+    """The cases round-robin over their tasks (tasks in first-seen order, each task's cases in dataset order)."""
+    per_task: dict[str, list[_CaseWork]] = {}
+    for work in works:
+        per_task.setdefault(work.key[0], []).append(work)
+    rounds = itertools.zip_longest(*per_task.values())
+    return [work for round_ in rounds for work in round_ if work is not None]
+
+
 def _question(instance) -> Question:
     """The question an edit-case request asks (lm-eval's ``idx`` numbers the case's questions)."""
     data = instance.doc["xke"]["questions"][instance.idx]
@@ -769,8 +798,8 @@ def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_
     if unknown:
         raise EditorError(
             f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
-            "xke arguments: editor, editor_config, edit_mode, edit_batch_size, edit_parallel, backend, seed, "
-            "xke_* task options; "
+            "xke arguments: editor, editor_config, edit_mode, edit_order, edit_batch_size, edit_parallel, backend, "
+            "seed, xke_* task options; "
             f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
             f"backend ({backend_cls.name}) arguments: {', '.join(sorted(hf_names))}"
             + (" and vLLM's EngineArgs fields" if engine_names else "")

@@ -110,6 +110,25 @@ def test_sequential_mode_answers_after_each_edit_then_after_the_last(tiny_llama_
     assert "_final" in lm.get_model_info()["xke"]["edit_mode_semantics"]
 
 
+def test_interleaved_sequential_edits_take_the_tasks_in_turn(tiny_llama_dir):
+    register_editor("marker", MarkerEditor)
+    lm = XKELM(
+        pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_mode="sequential", edit_order="interleave"
+    )
+    english = [("en", "Ruritania", 0), ("en", "Freedonia", 1), ("en", "Elbonia", 2)]
+    chinese = [("zh", "Latveria", 0), ("zh", "Genovia", 1)]
+    requests = [
+        r for task, subject, i in english + chinese for r in loglikelihood_requests(sequential_case(subject), i, task)
+    ]
+    lm.loglikelihood(requests)
+    assert lm.editor.restored[::-1] == ["Ruritania", "Latveria", "Freedonia", "Genovia", "Elbonia"]
+    assert lm.get_model_info()["xke"]["edit_order"] == "interleave"
+    with pytest.raises(EditorError, match="edit_order=interleave orders the edits of edit_mode=sequential"):
+        XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_order="interleave")
+    with pytest.raises(EditorError, match="edit_order must be one of dataset, interleave, got 'random'"):
+        XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_order="random")
+
+
 def test_sequential_mode_needs_tasks_built_for_it(tiny_llama_dir):
     register_editor("marker", MarkerEditor)
     lm = XKELM(pretrained=str(tiny_llama_dir), device="cpu", editor="marker", edit_mode="sequential")
