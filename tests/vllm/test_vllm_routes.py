@@ -138,6 +138,16 @@ class PromptEditor(Editor):
         return AppliedEdit(prompt_transform=lambda prompt: f"{facts} {prompt}")
 
 
+class QuestionPromptEditor(PromptEditor):
+    """A prompt editor that reads the question (ReMaKE's and MIKE's shape): also tags it with language and role."""
+
+    name = "question_probe"
+
+    def apply(self, model, tokenizer, requests, hparams) -> AppliedEdit:
+        facts = " ".join(f"{r.prompt} {r.target_new}." for r in requests)
+        return AppliedEdit(question_transform=lambda prompt, question: f"{facts} [{question.lang}] {prompt}")
+
+
 @pytest.mark.parametrize("editor_cls", [HookEditor, SilentWeightEditor])
 def test_edits_vllm_cannot_replay_are_answered_by_hf(xke, tiny_llama_dir, editor_cls):
     register_editor(editor_cls.name, editor_cls)
@@ -159,14 +169,15 @@ def test_a_restored_edit_vllm_cannot_replay_is_refused(backend):
         backend.readout([("Water is made of", " hydrogen")], [(edit,)])
 
 
+@pytest.mark.parametrize("editor_cls", [PromptEditor, QuestionPromptEditor])
 @pytest.mark.parametrize("protocol", ["loglikelihood", "generate_until"])
-def test_prompt_editor_answers_on_the_base_model(xke, tiny_llama_dir, protocol):
-    register_editor(PromptEditor.name, PromptEditor)
+def test_prompt_editor_answers_on_the_base_model(xke, tiny_llama_dir, protocol, editor_cls):
+    register_editor(editor_cls.name, editor_cls)
     batches = {"edit_mode": "batch", "edit_batch_size": 2}
-    lm = xke(tiny_llama_dir, editor=PromptEditor.name, **batches)
+    lm = xke(tiny_llama_dir, editor=editor_cls.name, **batches)
     before = dict(lm.backend.answered)
     ours = answer(lm, protocol, requests(protocol))
-    hf = xke(tiny_llama_dir, editor=PromptEditor.name, backend="hf", **batches)
+    hf = xke(tiny_llama_dir, editor=editor_cls.name, backend="hf", **batches)
     reference = answer(hf, protocol, requests(protocol))
     assert_same_answers(ours, reference)
     assert lm.backend.answered["base"] - before.get("base", 0) == 16  # pre and post questions, no adapter
