@@ -24,12 +24,18 @@ from lm_eval_xke.plugins.ike.pool import DemoPool
 from lm_eval_xke.plugins.remake import RemakeEditor
 from lm_eval_xke.plugins.remake.compute import retrieve_demonstrations
 from lm_eval_xke.plugins.remake.retriever import PromptEolEncoder, best_threshold, calibrate, calibration_texts
+from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EDIT = EditRequest("Who founded Acme?", "Acme", "Zed", "en")
 OTHER = EditRequest("Where is Mount Oro?", "Mount Oro", "Peru", "en")
-CONTEXT = "Question: Who founded Acme? Answer: Zed\nQuestion: "
+CONTEXT = "Question: Who founded Acme? Answer: Zed\n"  # the retrieved edit, as one more question-answer pair
+
+
+def asked(text: str) -> str:
+    """A bare question as ReMaKE asks it."""
+    return f"Question: {text} Answer:"
 
 
 class CharCounts:
@@ -78,9 +84,9 @@ def question(prompt: str, role: str = "reliability", lang: str = "en", phase: st
 def test_in_scope_questions_get_the_edit_and_unrelated_ones_pass_unchanged():
     editor = editor_with()
     edit = editor.apply(Model(), None, [EDIT], hparams())
-    assert edit.rewrite("Who founded Acme?", question("Who founded Acme?")) == CONTEXT + "Who founded Acme?"
+    assert edit.rewrite("Who founded Acme?", question("Who founded Acme?")) == CONTEXT + asked("Who founded Acme?")
     assert edit.rewrite("Acme: who founded it?", question("Acme: who founded it?", "generality")) == (
-        CONTEXT + "Acme: who founded it?"
+        CONTEXT + asked("Acme: who founded it?")
     )
     assert edit.rewrite("Why is grass green?", question("Why is grass green?", "locality")) == "Why is grass green?"
     edit.rewrite("Who founded Acme?", question("Who founded Acme?", phase="final"))  # not counted: owner unknown
@@ -99,13 +105,13 @@ def test_in_scope_questions_get_the_edit_and_unrelated_ones_pass_unchanged():
 def test_the_nearest_edit_of_a_batch_is_retrieved_and_a_wrong_one_is_counted():
     editor = editor_with()
     edit = editor.apply(Model(), None, [EDIT, OTHER], hparams())
-    asked = "Where is Mount Oro?"
-    assert edit.rewrite(asked, question(asked)) == "Question: Where is Mount Oro? Answer: Peru\nQuestion: " + asked
+    oro = "Where is Mount Oro?"
+    assert edit.rewrite(oro, question(oro)) == "Question: Where is Mount Oro? Answer: Peru\n" + asked(oro)
     editor = editor_with()
     model = Model()
     editor.apply(model, None, [OTHER], hparams())
     second = editor.apply(model, None, [EDIT], hparams())
-    second.rewrite(asked, question(asked))  # a post question of EDIT's case that retrieves OTHER
+    second.rewrite(oro, question(oro))  # a post question of EDIT's case that retrieves OTHER
     assert editor.report()["retrieval"]["en"]["wrong_edit"] == 1
 
 
@@ -113,14 +119,28 @@ def test_sequential_edits_retrieve_over_the_memory_once_and_survive_restore():
     editor, model = editor_with(), Model()
     first = editor.apply(model, None, [EDIT], hparams())
     second = editor.apply(model, None, [OTHER], hparams())
-    asked = "Who founded Acme?"
-    assert first.rewrite(asked, question(asked)) == asked  # the newer edit retrieves over both
-    assert second.rewrite(asked, question(asked)) == CONTEXT + asked
+    acme = "Who founded Acme?"
+    assert first.rewrite(acme, question(acme)) == acme  # the newer edit retrieves over both
+    assert second.rewrite(acme, question(acme)) == CONTEXT + asked(acme)
     second.restore()
-    assert first.rewrite(asked, question(asked)) == CONTEXT + asked
+    assert first.rewrite(acme, question(acme)) == CONTEXT + asked(acme)
     first.restore()
-    assert second.rewrite(asked, question(asked)) == CONTEXT + asked  # the deferred (vLLM) path asks after restore
+    assert second.rewrite(acme, question(acme)) == CONTEXT + asked(acme)  # the deferred (vLLM) path asks after restore
     assert second.info["memory_size"] == 2
+
+
+def test_the_question_is_asked_where_and_as_the_task_renders_it():
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    edit = editor_with().apply(Model(), tokenizer, [EDIT], hparams())
+    acme = question("Who founded Acme?")
+    generation = "Question: Who founded Acme?\nAnswer:"  # the _gen tasks already ask in this form: kept
+    assert edit.rewrite(generation, acme) == CONTEXT + generation
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who founded Acme?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert edit.rewrite(rendered, acme) == f"<|user|>{CONTEXT}{asked('Who founded Acme?')}\n<|assistant|>"
+    assert edit.rewrite("Re-worded: who founded Acme", acme) == CONTEXT + "Re-worded: who founded Acme"
 
 
 def test_best_threshold_separates_and_prefers_the_lowest_of_equals():
@@ -178,9 +198,9 @@ def test_demonstrations_follow_the_questions_language(pool_dir):
     edit = editor.apply(
         Model(), None, [EDIT], hparams(demos="few-bi", k=1, pool_dir=str(pool_dir), scope_threshold=0.5)
     )
-    asked = "Wer gründete Acme?"
+    wer = "Wer gründete Acme?"
     german = "Question: Who founded Acme Ltd? Answer: Bob\nQuestion: Wer gründete Acme Ltd? Answer: Bob\n\n"
-    assert edit.rewrite(asked, question(asked, lang="de")) == german + CONTEXT + asked
+    assert edit.rewrite(wer, question(wer, lang="de")) == german + CONTEXT + asked(wer)
 
 
 # ---------------------------------------------------------------- settings, encoders, the xke model
@@ -266,8 +286,8 @@ def test_questions_reach_the_editor_with_their_language_and_the_report_reaches_t
     lm.loglikelihood(requests)
     assert contexts == [
         "Why is grass green?",
-        "Question: Who founded Acme Ltd? Answer: Bob\n\n" + CONTEXT + EDIT.prompt,
-        "Question: Wer gründete Acme Ltd? Answer: Bob\n\n" + CONTEXT + "Wer gründete Acme?",
+        "Question: Who founded Acme Ltd? Answer: Bob\n\n" + CONTEXT + asked(EDIT.prompt),
+        "Question: Wer gründete Acme Ltd? Answer: Bob\n\n" + CONTEXT + asked("Wer gründete Acme?"),
     ]
     assert all(torch.equal(t, weights[n]) for n, t in lm.backend.model.state_dict().items())
     report = lm.get_model_info()["xke"]["editor_report"]["retrieval"]

@@ -16,10 +16,10 @@ import torch
 from lm_eval_xke.cases import EditRequest, Question
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
 from lm_eval_xke.in_force import EditsInForce
-from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
+from lm_eval_xke.plugins.ike.compute import chat_layout
 from lm_eval_xke.plugins.ike.pool import DemoPool, load_pool
 
-from .compute import pool_entries, remake_context, retrieve_demonstrations
+from .compute import ask_in_context, pool_entries, remake_context, retrieve_demonstrations
 from .config import DEMO_MODES, RemakeHyperParams
 from .retriever import Calibration, Encoder, calibrate, calibration_texts, make_encoder
 
@@ -70,7 +70,8 @@ class RemakeEditor(Editor):
                 return prompt  # out of scope: the model answers as if unedited
             if (best, question.lang) not in demos:
                 demos[best, question.lang] = retrieve_demonstrations(pool, memory[best], question.lang, hp.demos, hp.k)
-            return insert_context(prompt, remake_context(memory[best], demos[best, question.lang]), layout)
+            context = remake_context(memory[best], demos[best, question.lang])
+            return ask_in_context(prompt, question.prompt, context, layout)
 
         info = {
             "method": self.name,

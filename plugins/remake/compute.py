@@ -4,8 +4,8 @@ In the authors' code an in-scope question is asked as
 ``demos + "Question: {edit prompt} Answer: {edit target}\\nQuestion: {question} Answer:"``, the demonstrations
 being the k training pairs nearest to the retrieved edit, each in the bilingual ("few-bi") form
 ``"Question: {q_edit_lang} Answer: {a_edit_lang}\\nQuestion: {q_question_lang} Answer: {a_question_lang}\\n\\n"``.
-Here the question keeps the task's own rendering (chat template included), so the context ends with
-``"Question: "`` and the task's prompt follows it.
+Here the context goes where the task rendered the question (inside the user turn of a chat template), and a
+bare question is asked as ``Question: {question} Answer:``, as the authors ask it (``ask_in_context``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from lm_eval_xke.data import DataFile, DataNotFoundError, locate
 from lm_eval_xke.data_pins import REMAKE_POOL_SHA256
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.parallel_data import MZSRE_REPO_CODES
+from lm_eval_xke.plugins.ike.compute import ChatLayout, insert_context
 from lm_eval_xke.plugins.ike.pool import DemoPool, PoolFact
 
 POOL_URL = "https://raw.githubusercontent.com/weixuan-wang123/ReMaKE/975a9e9069/data/"
@@ -52,8 +53,11 @@ def pool_entries(pool_dir: str | None) -> list[tuple[str, Path]]:
         ) from None
 
 
+QUESTION = "Question: "
+
+
 def qa(question: str, answer: str) -> str:
-    return f"Question: {question} Answer: {answer}\n"
+    return f"{QUESTION}{question} Answer: {answer}\n"
 
 
 def demonstration(fact: PoolFact, edit_lang: str, question_lang: str, mode: str) -> str:
@@ -79,5 +83,23 @@ def retrieve_demonstrations(pool: DemoPool, edit: EditRequest, question_lang: st
 
 
 def remake_context(edit: EditRequest, demos: list[str]) -> str:
-    """Everything put before an in-scope question: demonstrations, the retrieved edit, and ``"Question: "``."""
-    return "".join(demos) + qa(edit.prompt, edit.target_new) + "Question: "
+    """Everything put before an in-scope question: the demonstrations, then the retrieved edit as one more pair."""
+    return "".join(demos) + qa(edit.prompt, edit.target_new)
+
+
+def ask_in_context(prompt: str, question_text: str, context: str, layout: ChatLayout | None) -> str:
+    """``prompt`` with ``context`` before the question, asked as the authors ask it (``Question: {q} Answer:``).
+
+    Where the task rendered the question bare (the teacher-forced tasks), it becomes ``Question: {q} Answer:``, so
+    the answer being scored follows ``Answer:`` as in every demonstration. A task that already asks
+    ``Question: {q}`` (the ``_gen`` tasks) keeps its own wording. A question the rendered prompt does not contain
+    verbatim gets the context at the start of the user turn.
+    """
+    at = prompt.rfind(question_text) if question_text else -1
+    if at < 0:
+        return insert_context(prompt, context, layout)
+    if prompt[:at].endswith(QUESTION):
+        at -= len(QUESTION)
+        return prompt[:at] + context + prompt[at:]
+    end = at + len(question_text)
+    return prompt[:at] + context + f"{QUESTION}{question_text} Answer:" + prompt[end:]
