@@ -13,7 +13,6 @@ import random
 import pytest
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.api.instance import Instance
 
 from lm_eval_xke.backends.hf import HFBackend
 from lm_eval_xke.cases import EditCase, EditRequest, Question
@@ -22,7 +21,7 @@ from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.ike import IkeEditor
 from lm_eval_xke.plugins.ike.compute import ChatLayout, chat_layout, demo_kinds, insert_context
 from lm_eval_xke.plugins.ike.pool import DemoPool, default_entries
-from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer
+from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer, loglikelihood_requests
 
 FACTS = [
     ("What is the capital of Ruritania?", "Strelsau", "鲁里塔尼亚的首都是哪里？", "斯特雷尔绍"),
@@ -278,12 +277,7 @@ def test_post_questions_only_are_asked_in_context_and_the_weights_stay(tiny_llam
             Question("reliability", "zh", "鲁里塔尼亚的首都是哪里？", ("曾达",)),
         ),
     )
-    doc = {"xke": case.to_doc()}
-    requests = [
-        Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), i, ("t", 0, 1))
-        for i, q in enumerate(case.questions)
-    ]
-    lm.loglikelihood(requests)
+    lm.loglikelihood(loglikelihood_requests({"xke": case.to_doc()}, 0))
     pre, *post = asked
     assert pre == "Who wrote the novel Hamlet?"
     assert [p.rsplit("Prompt: ", 1)[1] for p in post] == [EDIT.prompt, "鲁里塔尼亚的首都是哪里？"]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 
 from lm_eval_xke import data
 from lm_eval_xke.backends.hf import HFBackend
@@ -21,7 +20,7 @@ from lm_eval_xke.editors import EditorError
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.mike import MikeEditor
 from lm_eval_xke.plugins.mike.compute import MANUAL_SHA256, _cached_demos
-from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer
+from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer, loglikelihood_requests
 
 EDIT = EditRequest("What is the capital of Ruritania?", "Ruritania", "Zenda", "en")
 OTHER = EditRequest("Which river flows through Vienna?", "Vienna", "Seine", "en")
@@ -227,12 +226,7 @@ def test_post_questions_only_are_asked_in_context_and_the_weights_stay(tiny_llam
             Question("reliability", "de", "Was ist die Hauptstadt von Ruritanien?", ("Zenda",)),
         ),
     )
-    doc = {"xke": case.to_doc()}
-    requests = [
-        Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), i, ("t", 0, 1))
-        for i, q in enumerate(case.questions)
-    ]
-    lm.loglikelihood(requests)
+    lm.loglikelihood(loglikelihood_requests({"xke": case.to_doc()}, 0))
     assert contexts == [
         "Who wrote the novel Hamlet?",
         FACT + f"Prompt: {EDIT.prompt}",

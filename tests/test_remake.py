@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_eval.api.instance import Instance
 
 from lm_eval_xke.backends.hf import HFBackend
 from lm_eval_xke.cases import EditCase, EditRequest, Question
@@ -24,7 +23,7 @@ from lm_eval_xke.plugins.ike.pool import DemoPool
 from lm_eval_xke.plugins.remake import RemakeEditor
 from lm_eval_xke.plugins.remake.compute import retrieve_demonstrations
 from lm_eval_xke.plugins.remake.retriever import PromptEolEncoder, best_threshold, calibrate, calibration_texts
-from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer
+from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer, loglikelihood_requests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -278,12 +277,7 @@ def test_questions_reach_the_editor_with_their_language_and_the_report_reaches_t
             Question("reliability", "de", "Wer gründete Acme?", ("Zed",)),
         ),
     )
-    doc = {"xke": case.to_doc()}
-    requests = [
-        Instance("loglikelihood", doc, (q.prompt, " " + q.answers[0]), i, ("t", 0, 1))
-        for i, q in enumerate(case.questions)
-    ]
-    lm.loglikelihood(requests)
+    lm.loglikelihood(loglikelihood_requests({"xke": case.to_doc()}, 0))
     assert contexts == [
         "Why is grass green?",
         "Question: Who founded Acme Ltd? Answer: Bob\n\n" + CONTEXT + asked(EDIT.prompt),
