@@ -52,16 +52,17 @@ def byte_level_tokenizer():
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, num_layers: int = 4):
-    """A randomly initialised ``llama``, ``qwen2`` or ``gpt2`` model sized for CPU tests (head size 32)."""
+    """A randomly initialised ``llama``, ``qwen2``, ``gemma3`` (``gemma3_text``) or ``gpt2`` model sized for CPU
+    tests (head size 32)."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     vocab_size = len(SPECIAL_TOKENS) + 256
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=num_layers, n_head=2, n_positions=512, **common)
     else:
-        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[arch]
         config = config_cls(
             hidden_size=64,
             intermediate_size=128,
@@ -71,6 +72,7 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, num_layers: int = 4):
             head_dim=32,
             max_position_embeddings=512,
             tie_word_embeddings=False,
+            **({"sliding_window": 64} if arch == "gemma3" else {}),
             **common,
         )
     torch.manual_seed(seed)
