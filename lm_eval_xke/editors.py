@@ -121,10 +121,43 @@ def apply_weight_deltas(model, deltas: Sequence[WeightDelta], info: Mapping[str,
 
 @dataclass
 class HyperParams:
-    """Base class of editor hyper-parameters. Subclasses are dataclasses whose fields carry ``help`` metadata."""
+    """Base class of editor hyper-parameters. Subclasses are dataclasses whose fields carry ``help`` metadata.
+
+    A layer field whose default was chosen for a model of a given depth says so with ``reference_depth`` in its
+    metadata (e.g. ``metadata={"help": ..., "reference_depth": 32}``): the default is then placed at the same relative
+    depth of the loaded model (see :class:`AtDepth`).
+    """
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AtDepth:
+    """Layer index(es) chosen for a model of ``of`` blocks, to be placed at the same relative depth of another.
+
+    Family defaults use it so that one setting serves every depth of a family: ``AtDepth(5, of=32)`` is layer 5 of a
+    32-block model, 2 of a 10-block one. A single layer maps to ``round(layer * n / of)``; a contiguous range maps its
+    two ends and keeps every layer between them (MEMIT's 4-8 of 32 is 1-2 of 10); other lists map each layer.
+    Results stay inside ``0..n-1``. Python's ``round`` (ties to even) is the rounding.
+    """
+
+    layers: int | tuple[int, ...]
+    of: int
+
+    def resolve(self, num_layers: int | None) -> int | list[int]:
+        """The indexes for a model of ``num_layers`` blocks; None: as given (the reference model's)."""
+        if num_layers is None:
+            return self.layers if isinstance(self.layers, int) else list(self.layers)
+        if isinstance(self.layers, int):
+            return self._place(self.layers, num_layers)
+        layers = list(self.layers)
+        if layers and layers == list(range(layers[0], layers[-1] + 1)):
+            return list(range(self._place(layers[0], num_layers), self._place(layers[-1], num_layers) + 1))
+        return sorted({self._place(layer, num_layers) for layer in layers})
+
+    def _place(self, layer: int, num_layers: int) -> int:
+        return min(num_layers - 1, max(0, round(layer * num_layers / self.of)))
 
 
 #: One case's edit, computed but not applied: calling it applies the edit and returns its handle.
@@ -135,7 +168,8 @@ class Editor(ABC):
     """A knowledge-editing method.
 
     Subclasses set ``name``, ``hparams_class`` and optionally ``family_defaults`` (overrides of the
-    dataclass defaults per ``model.config.model_type``), ``supports_batch`` and ``supports_parallel`` (with
+    dataclass defaults per ``model.config.model_type``), ``presets`` (named sets of hyper-parameters that reproduce
+    another implementation's procedure, the ``preset`` model_arg), ``supports_batch`` and ``supports_parallel`` (with
     ``plan_parallel``). One instance serves a whole run, so it may cache per-model work (context templates,
     statistics).
     """
@@ -143,6 +177,8 @@ class Editor(ABC):
     name: ClassVar[str]
     hparams_class: ClassVar[type[HyperParams]]
     family_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: preset name -> hyper-parameter values, applied over the family defaults (e.g. ``easyedit``: EasyEdit's run)
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     supports_batch: ClassVar[bool] = False
     #: Why batch editing is not possible, shown to users who ask for it.
     batch_unsupported_reason: ClassVar[str] = "the method edits one fact at a time"
@@ -172,10 +208,31 @@ class Editor(ABC):
         return {}
 
     def resolve_hparams(
-        self, model_type: str, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+        self,
+        model_type: str,
+        config_file: str | Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        num_layers: int | None = None,
+        preset: str | None = None,
     ) -> HyperParams:
-        """Dataclass defaults < family defaults for ``model_type`` < YAML ``config_file`` < ``overrides``."""
-        values: dict[str, Any] = dict(self.family_defaults.get(model_type, {}))
+        """Dataclass defaults < family defaults for ``model_type`` < ``presets[preset]`` < YAML ``config_file`` <
+        ``overrides``.
+
+        Defaults given at a reference depth (:class:`AtDepth` family defaults, fields with ``reference_depth``) are
+        placed at the same relative depth of a model of ``num_layers`` blocks (None: left at the reference model's);
+        values from the file and the overrides are taken as they are.
+        """
+        defaults = {**depth_relative_defaults(self.hparams_class), **self.family_defaults.get(model_type, {})}
+        values: dict[str, Any] = {
+            name: value.resolve(num_layers) if isinstance(value, AtDepth) else value for name, value in defaults.items()
+        }
+        if preset is not None:
+            if preset not in self.presets:
+                raise EditorError(
+                    f"editor '{self.name}' has no preset {preset!r}; its presets: {', '.join(self.presets) or '(none)'}"
+                    f". Editors with presets: {preset_editors()}"
+                )
+            values.update(self.presets[preset])
         if config_file is not None:
             from_file = _read_yaml_mapping(Path(config_file))
             # checked alone first, so that a bad key or value in the file is reported with the file's name
@@ -187,6 +244,17 @@ class Editor(ABC):
 
 def hparam_fields(cls: type[HyperParams]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def depth_relative_defaults(cls: type[HyperParams]) -> dict[str, AtDepth]:
+    """The dataclass defaults of ``cls``'s fields that declare a ``reference_depth``, as :class:`AtDepth`."""
+    relative = {}
+    for name, f in hparam_fields(cls).items():
+        if "reference_depth" in f.metadata:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            layers = default if isinstance(default, int) else tuple(default)
+            relative[name] = AtDepth(layers, of=f.metadata["reference_depth"])
+    return relative
 
 
 def build_hparams(cls: type[HyperParams], values: Mapping[str, Any], source: str) -> HyperParams:
@@ -304,6 +372,12 @@ def register_editor(name: str, cls: type[Editor]) -> None:
 
 def available_editors() -> list[str]:
     return sorted(set(_entry_points()) | set(_runtime_editors))
+
+
+def preset_editors() -> str:
+    """The registered editors with presets and their names (``rome (easyedit)``), comma-separated."""
+    with_presets = [(name, get_editor(name).presets) for name in available_editors()]
+    return ", ".join(f"{name} ({'|'.join(presets)})" for name, presets in with_presets if presets) or "none"
 
 
 def parallel_editors() -> str:

@@ -99,7 +99,8 @@ class _EditOutcome:
 class XKELM(LM):
     """Knowledge-editing wrapper registered as `xke`.
 
-    model_args: ``editor`` (registry name, default ``none``), ``editor_config`` (YAML file of
+    model_args: ``editor`` (registry name, default ``none``), ``preset`` (a named set of the editor's
+    hyper-parameters, e.g. ``easyedit``), ``editor_config`` (YAML file of
     hyper-parameters), any hyper-parameter of the chosen editor by name, ``edit_mode``
     (single | batch | sequential), ``edit_order`` (sequential: ``dataset`` or ``interleave`` the tasks' cases),
     ``edit_batch_size``, ``edit_parallel`` (single mode: plan this many cases' edits
@@ -126,6 +127,7 @@ class XKELM(LM):
     def __init__(
         self,
         editor: str = "none",
+        preset: str | None = None,
         editor_config: str | None = None,
         edit_mode: str = "single",
         edit_order: str = "dataset",
@@ -175,8 +177,10 @@ class XKELM(LM):
         # backends that answer many edits in one call are told, per request, which edits it is answered under
         self._answers_per_edit = getattr(self.backend, "answers_per_edit", False)
         self.editor: Editor = editor_cls()
-        model_type = getattr(self.backend.model.config, "model_type", "")
-        self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides)
+        config = self.backend.model.config
+        model_type, num_layers = getattr(config, "model_type", ""), getattr(config, "num_hidden_layers", None)
+        self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides, num_layers, preset)
+        self.preset = preset
         self.edit_mode = edit_mode
         self.edit_order = edit_order
         self.edit_batch_size = edit_batch_size if edit_mode == "batch" else 1
@@ -262,6 +266,7 @@ class XKELM(LM):
         info = self.backend.lm.get_model_info()
         info["xke"] = {
             "editor": self.editor.name,
+            "preset": self.preset,
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
             "edit_mode_semantics": EDIT_MODE_SEMANTICS[self.edit_mode]
@@ -798,8 +803,8 @@ def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_
     if unknown:
         raise EditorError(
             f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
-            "xke arguments: editor, editor_config, edit_mode, edit_order, edit_batch_size, edit_parallel, backend, "
-            "seed, xke_* task options; "
+            "xke arguments: editor, preset, editor_config, edit_mode, edit_order, edit_batch_size, edit_parallel, "
+            "backend, seed, xke_* task options; "
             f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
             f"backend ({backend_cls.name}) arguments: {', '.join(sorted(hf_names))}"
             + (" and vLLM's EngineArgs fields" if engine_names else "")

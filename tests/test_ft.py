@@ -15,7 +15,6 @@ from lm_eval_xke.editors import EditorError
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.ft import FtLEditor, FtMEditor
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss
-from lm_eval_xke.plugins.ft.config import default_layer
 from lm_eval_xke.testing import load_tiny, parameter_hashes, teacher_forced_argmax
 
 TINY = {"lr": 0.02, "norm_constraint": 0.05, "num_steps": 15}
@@ -33,12 +32,12 @@ def test_ft_m_writes_both_facts_of_a_batch_and_restores_bit_exactly(arch_dir):
     assert teacher_forced_argmax(model, tokenizer, [EN, ZH]) == [False, False]
 
     editor = FtMEditor()
-    edit = editor.apply(model, tokenizer, [EN, ZH], editor.resolve_hparams(arch, overrides=TINY))
+    edit = editor.apply(model, tokenizer, [EN, ZH], editor.resolve_hparams(arch, overrides=TINY, num_layers=4))
 
     assert teacher_forced_argmax(model, tokenizer, [EN, ZH]) == [True, True]
     assert edit.deltas == () and edit.info["final_loss"] < edit.info["initial_loss"]
     (name,) = edit.info["parameters"]
-    assert name == editor.resolve_hparams(arch).module_template.format(3) + ".weight"  # round(21/32 * 4) = 3
+    assert name == editor.resolve_hparams(arch).module_template.format(3) + ".weight"  # 21 of 32 is 3 of 4
     changed = {n for n, h in parameter_hashes(model).items() if h != saved[n]}
     assert changed == {name}
     edit.restore()
@@ -60,7 +59,8 @@ def test_ft_l_moves_the_whole_target_to_the_prompts_last_token(tiny_llama_dir):
 
     assert top_two() != target
     editor = FtLEditor()
-    edit = editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama", overrides={**TINY, "num_steps": 25}))
+    hp = editor.resolve_hparams("llama", overrides={**TINY, "num_steps": 25}, num_layers=4)
+    edit = editor.apply(model, tokenizer, [EN], hp)
     assert top_two() == target
     assert edit.info["objective"] == "prompt_last"
     with torch.no_grad():  # the teacher-forced loss (FT-M's) was not what FT-L optimised: it stays high
@@ -85,7 +85,7 @@ def test_same_edit_twice_gives_identical_weights_and_leaves_flags_alone(tiny_qwe
     model, tokenizer = load_tiny(tiny_qwen2_dir)
     model.train()
     editor = FtMEditor()
-    hp = editor.resolve_hparams("qwen2", overrides=TINY)
+    hp = editor.resolve_hparams("qwen2", overrides=TINY, num_layers=4)
     weights = []
     for _ in range(2):
         edit = editor.apply(model, tokenizer, [EN], hp)
@@ -95,16 +95,11 @@ def test_same_edit_twice_gives_identical_weights_and_leaves_flags_alone(tiny_qwe
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_default_layer_is_easyedits_relative_depth():
-    assert [default_layer(n) for n in (32, 30, 24, 18, 12, 4, 1)] == [21, 20, 16, 12, 8, 3, 0]
-    assert FtMEditor().resolve_hparams("gpt2").module_names(12) == ["transformer.h.8.mlp.c_proj"]
-    assert FtLEditor().resolve_hparams("llama").module_names(30) == ["model.layers.20.mlp.down_proj"]
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"layers": [7]}, r"layers \[7\] out of range: the model has 4 layers"),
+        ({"layers": []}, "layers is empty: name at least one block"),
         ({"module_template": "model.layers.{}.mlp.up"}, "has no weight.*set module_template"),
         ({"optimizer": "rmsprop"}, "optimizer must be one of adam, adamw, sgd"),
         ({"num_steps": 0}, "num_steps must be >= 1"),
@@ -116,7 +111,7 @@ def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, messa
     model, tokenizer = load_tiny(tiny_llama_dir)
     editor = FtMEditor()
     with pytest.raises(EditorError, match=message):
-        editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama", overrides=overrides))
+        editor.apply(model, tokenizer, [EN], editor.resolve_hparams("llama", overrides=overrides, num_layers=4))
 
 
 def test_bad_model_args_are_refused_before_loading_any_data(tiny_llama_dir):

@@ -234,6 +234,6 @@ def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, messa
 def test_unknown_hyper_parameter_and_family_defaults():
     with pytest.raises(EditorError, match="unknown hyper-parameter.*epsilon.*valid ones: layer"):
         GraceEditor().resolve_hparams("llama", overrides={"epsilon": 1})
-    assert GraceEditor().resolve_hparams("llama").module_name == "model.layers.25.mlp.down_proj"
-    assert GraceEditor().resolve_hparams("gpt2").module_name == "transformer.h.10.mlp.c_proj"
+    assert GraceEditor().resolve_hparams("llama", num_layers=30).module_name == "model.layers.25.mlp.down_proj"
+    assert GraceEditor().resolve_hparams("gpt2", num_layers=12).module_name == "transformer.h.10.mlp.c_proj"
     assert GraceEditor.supports_batch

@@ -228,7 +228,10 @@ def test_early_stop_waits_for_the_plain_prompt(tiny_llama_dir):
     hp = hparams("llama", early_stop_loss=100.0, v_num_grad_steps=3)
     (record,) = RomeEditor().apply(model, tokenizer, [EN], hp).info["requests"]
     assert not record["plain_right"] and record["steps"] == 3
-    assert converged(0.01, True, hp) and not converged(0.01, False, hp) and not converged(200.0, True, hp)
+    assert converged(0.01, 9.0, True, hp) and not converged(0.01, 0.0, False, hp)
+    assert not converged(200.0, 0.0, True, hp)
+    easyedit = hparams("llama", early_stop_on="loss", early_stop_plain=False)  # the whole loss, plain prompt or not
+    assert converged(9.0, 0.01, False, easyedit) and not converged(0.01, 0.2, True, easyedit)
 
 
 # ---------------------------------------------------------------- the KV-cached value optimisation

@@ -192,7 +192,7 @@ def test_bad_hyper_parameters_are_editor_errors(tiny_llama_dir, overrides, messa
 def test_unknown_hyper_parameter_and_family_defaults():
     with pytest.raises(EditorError, match="unknown hyper-parameter.*act_margin.*valid ones: layer"):
         WiseEditor().resolve_hparams("llama", overrides={"act_margin": "5|20|10"})
-    hp = WiseEditor().resolve_hparams("qwen2", overrides={"irrelevant_prompts": "one|two"})
+    hp = WiseEditor().resolve_hparams("qwen2", overrides={"irrelevant_prompts": "one|two"}, num_layers=24)
     assert hp.module_name == "model.layers.20.mlp.down_proj" and hp.irrelevant_prompts == ["one", "two"]
-    assert WiseEditor().resolve_hparams("gpt2").module_name == "transformer.h.10.mlp.c_proj"
+    assert WiseEditor().resolve_hparams("gpt2", num_layers=12).module_name == "transformer.h.10.mlp.c_proj"
     assert WiseEditor.supports_batch

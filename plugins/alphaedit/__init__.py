@@ -27,6 +27,7 @@ class AlphaEditEditor(MemitEditor):
     name = "alphaedit"
     hparams_class = AlphaEditHyperParams
     family_defaults = FAMILY_DEFAULTS
+    presets = {}  # MEMIT's EasyEdit preset is not AlphaEdit's (its own lambda and null-space settings)
 
     def __init__(self) -> None:
         super().__init__()

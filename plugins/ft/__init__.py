@@ -18,7 +18,7 @@ from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
 from lm_eval_xke.plugins.rome.compute import frozen_parameters
 
 from .compute import build_edit_batch, clamp_around, edit_loss, make_optimizer, train
-from .config import FAMILY_DEFAULTS, OPTIMIZERS, FtHyperParams
+from .config import EASYEDIT_PRESET, FAMILY_DEFAULTS, OPTIMIZERS, FtHyperParams
 
 
 class FtEditor(Editor):
@@ -26,13 +26,14 @@ class FtEditor(Editor):
 
     hparams_class = FtHyperParams
     family_defaults = FAMILY_DEFAULTS
+    presets = {"easyedit": EASYEDIT_PRESET}
     supports_batch = True
     objective: ClassVar[str]
 
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Train in place; the handle copies the saved weights back (bit-exact)."""
         hp = self.check_hparams(model, hparams)
-        names = [f"{m}.weight" for m in hp.module_names(model.config.num_hidden_layers)]
+        names = [f"{m}.weight" for m in hp.module_names()]
         params = {name: model.get_parameter(name) for name in names}
         originals = {name: p.detach().clone() for name, p in params.items()}
 
@@ -89,11 +90,13 @@ class FtEditor(Editor):
             raise EditorError(f"lr must be > 0, got {hparams.lr}")
         if hparams.norm_constraint is not None and hparams.norm_constraint <= 0:
             raise EditorError(f"norm_constraint must be > 0 (or none for no clamp), got {hparams.norm_constraint}")
+        if not hparams.layers:
+            raise EditorError("layers is empty: name at least one block to fine-tune (model_args: layers=20|21)")
         num_layers = model.config.num_hidden_layers
         bad = [layer for layer in hparams.layers if not 0 <= layer < num_layers]
         if bad:
             raise EditorError(f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
-        for name in hparams.module_names(num_layers):
+        for name in hparams.module_names():
             try:
                 model.get_parameter(f"{name}.weight")
             except AttributeError:

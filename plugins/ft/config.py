@@ -6,10 +6,6 @@ from dataclasses import dataclass, field
 
 from lm_eval_xke.editors import HyperParams
 
-#: EasyEdit's LLaMA-7B configuration fine-tunes layer 21 of 32; an empty ``layers`` picks the block at this
-#: relative depth of whatever model is edited (SmolLM2-135M: 20 of 30, Qwen2.5-0.5B: 16 of 24, GPT-2: 8 of 12).
-RELATIVE_DEPTH = 21 / 32
-
 #: EasyEdit's values (lr 5e-4, 25 steps) with ROME's FT-L clamp (5e-4, GPT-2 XL) are the dataclass defaults: they
 #: suit 7B models, whose MLP weights are small (LLaMA-2-7B down_proj: mean |w| ~0.015). The small models these
 #: families are evaluated with here have ten times larger weights (SmolLM2-135M down_proj: mean |w| 0.15) and there
@@ -26,16 +22,22 @@ FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
+#: EasyEdit's ``FT/llama-7b.yaml`` @ 14cea82 on every family: lr 5e-4 and ``norm_constraint: false`` (unconstrained;
+#: ROME's FT-L clamp 5e-4 is our dataclass default, the small-model families use lr 5e-3 with a 2e-2 clamp).
+EASYEDIT_PRESET: dict[str, object] = {"lr": 5e-4, "norm_constraint": None}
+
 
 @dataclass
 class FtHyperParams(HyperParams):
     """Constrained fine-tuning (Zhu et al. 2020) as in EasyEdit's ``FT`` configs; FT-L and FT-M share them."""
 
+    # EasyEdit's LLaMA-7B configuration fine-tunes layer 21 of 32: SmolLM2-135M's 20 of 30, Qwen2.5-0.5B's 16 of 24
     layers: list[int] = field(
-        default_factory=list,
+        default_factory=lambda: [21],
         metadata={
-            "help": "blocks whose module is fine-tuned (model_args: '20|21'); empty: the one block at relative depth "
-            "21/32 (EasyEdit's LLaMA-7B layer 21 of 32), i.e. round(21/32 * num_hidden_layers)"
+            "help": "blocks whose module is fine-tuned (model_args: '20|21'; default: 21 of 32 as EasyEdit's "
+            "LLaMA-7B, at the same relative depth of the loaded model)",
+            "reference_depth": 32,
         },
     )
     module_template: str = field(
@@ -57,13 +59,5 @@ class FtHyperParams(HyperParams):
         default=1e-2, metadata={"help": "stop once the mean loss over the requests is below this (EasyEdit: 1e-2)"}
     )
 
-    def module_names(self, num_layers: int) -> list[str]:
-        return [self.module_template.format(layer) for layer in self.resolved_layers(num_layers)]
-
-    def resolved_layers(self, num_layers: int) -> list[int]:
-        return list(self.layers) or [default_layer(num_layers)]
-
-
-def default_layer(num_layers: int) -> int:
-    """The block at EasyEdit's relative depth (21 of 32) of a model with ``num_layers`` blocks."""
-    return min(num_layers - 1, round(RELATIVE_DEPTH * num_layers))
+    def module_names(self) -> list[str]:
+        return [self.module_template.format(layer) for layer in self.layers]

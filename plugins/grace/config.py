@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from lm_eval_xke.editors import HyperParams
 
 #: Where the codebook sits, per ``model.config.model_type``. EasyEdit's LLaMA-2-7B setting wraps
-#: ``model.layers[27].mlp.down_proj`` of 32 layers (relative depth 0.84); the same depth is layer 25 of SmolLM2-135M
-#: (30 layers), 20 of Qwen2.5-0.5B (24), 15 of Gemma-3-270M (18) and 10 of GPT-2 (12, whose MLP output is ``c_proj``).
+#: ``model.layers[27].mlp.down_proj`` of 32 layers (the dataclass default, placed at the same relative depth, 0.84, of
+#: the loaded model): layer 25 of SmolLM2-135M (30 layers), 20 of Qwen2.5-0.5B (24), 15 of Gemma-3-270M (18) and 10 of
+#: GPT-2 (12, whose MLP output is ``c_proj``).
 FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
-    "llama": {"layer": 25, "module_template": "model.layers.{}.mlp.down_proj"},
-    "qwen2": {"layer": 20, "module_template": "model.layers.{}.mlp.down_proj"},
-    "gemma3_text": {"layer": 15, "module_template": "model.layers.{}.mlp.down_proj"},
-    "gpt2": {"layer": 10, "module_template": "transformer.h.{}.mlp.c_proj"},
+    "gpt2": {"module_template": "transformer.h.{}.mlp.c_proj"},
 }
 
 #: "cold": a random vector, uniform in [0, 1) (GRACE and EasyEdit); "warm": the module's own output at the key.
@@ -24,7 +22,14 @@ VALUE_INITS = ("cold", "warm")
 class GraceHyperParams(HyperParams):
     """Hyper-parameters of GRACE (Hartvigsen et al. 2023); defaults follow EasyEdit's ``GRACE/llama-7b.yaml``."""
 
-    layer: int = field(default=27, metadata={"help": "index of the transformer block whose module holds the codebook"})
+    layer: int = field(
+        default=27,
+        metadata={
+            "help": "index of the transformer block whose module holds the codebook (default: 27 of 32, at the same "
+            "relative depth of the loaded model)",
+            "reference_depth": 32,
+        },
+    )
     module_template: str = field(
         default="model.layers.{}.mlp.down_proj",
         metadata={"help": "name of the wrapped linear module; '{}' is replaced by `layer`"},

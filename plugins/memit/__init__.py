@@ -19,11 +19,10 @@ from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, EditorError, EditPlan, HyperParams, apply_weight_deltas
 from lm_eval_xke.plugins.rome import RomeEditor, evaluating, merge_deltas, restore_all
 from lm_eval_xke.plugins.rome.compute import ValueSolution, _device, compute_values
-from lm_eval_xke.plugins.rome.config import FACT_TOKENS
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 
 from .compute import compute_ks, layer_delta, least_squares_update, residual_at_fact, spread_residual
-from .config import FAMILY_DEFAULTS, MemitHyperParams
+from .config import EASYEDIT_PRESET, FAMILY_DEFAULTS, MemitHyperParams
 
 
 class MemitEditor(RomeEditor):
@@ -32,6 +31,7 @@ class MemitEditor(RomeEditor):
     name = "memit"
     hparams_class = MemitHyperParams
     family_defaults = FAMILY_DEFAULTS
+    presets = {"easyedit": EASYEDIT_PRESET}
     supports_batch = True
 
     def __init__(self) -> None:
@@ -133,8 +133,7 @@ class MemitEditor(RomeEditor):
         """Reject settings that cannot work on this model, naming the fix."""
         if not isinstance(hparams, MemitHyperParams):
             raise EditorError(f"editor '{self.name}' needs MemitHyperParams, got {type(hparams).__name__}")
-        if hparams.fact_token not in FACT_TOKENS:
-            raise EditorError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {hparams.fact_token!r}")
+        hparams.check()
         if not hparams.layers or sorted(set(hparams.layers)) != list(hparams.layers):
             raise EditorError(f"layers must be distinct and ascending, e.g. 4|5|6|7|8; got {hparams.layers}")
         n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", "?")

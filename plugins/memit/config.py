@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lm_eval_xke.plugins.rome.config import ValueHyperParams
+from lm_eval_xke.editors import AtDepth
+from lm_eval_xke.plugins.rome.config import EASYEDIT_VALUE_PRESET, ValueHyperParams
 
-#: Where MEMIT writes, per ``model.config.model_type``: EasyEdit's LLaMA-7B layers 4-8 (of 32) are also early-middle
-#: layers of the small models (SmolLM2-135M: 30 layers, Qwen2.5-0.5B: 24, Gemma-3-270M: 18). The original MEMIT edits
-#: GPT-2 XL's layers 13-17 of 48; 3-5 is that depth for the 12-layer GPT-2.
+#: Where MEMIT writes, per ``model.config.model_type``, placed at the same relative depth of the loaded model (a range
+#: maps its two ends). EasyEdit's LLaMA-7B layers 4-8 of 32 are the dataclass default (4-8 of SmolLM2-135M's 30
+#: too); 4-8 were kept as the early-middle layers of Qwen2.5-0.5B (24 layers) and Gemma-3-270M (18), where the
+#: README's numbers were measured, so those families scale from there. The original MEMIT edits GPT-2 XL's layers
+#: 13-17 of 48; 3-5 of 12 is that depth for GPT-2.
 FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
-    "llama": {"layers": [4, 5, 6, 7, 8]},
-    "qwen2": {"layers": [4, 5, 6, 7, 8]},
-    "gemma3_text": {"layers": [4, 5, 6, 7, 8]},
+    "qwen2": {"layers": AtDepth((4, 5, 6, 7, 8), of=24)},
+    "gemma3_text": {"layers": AtDepth((4, 5, 6, 7, 8), of=18)},
     "gpt2": {
-        "layers": [3, 4, 5],
+        "layers": AtDepth((3, 4, 5), of=12),
         "module_template": "transformer.h.{}.mlp.c_proj",
         "layer_module_template": "transformer.h.{}",
     },
@@ -23,6 +25,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
 #: EasyEdit's ``mom2_update_weight`` 15000 for LLaMA-7B, whose ``down_proj`` input is 11008 wide: lambda per width.
 LAMBDA_PER_WIDTH = 15000 / 11008
 
+#: EasyEdit's MEMIT (``memit/memit_main.py`` @ 14cea82): ROME's value procedure, and lambda 15000 on every model
+#: (ours scales lambda with the module's width: 15000 on LLaMA-7B, 2093 on SmolLM2-135M).
+EASYEDIT_PRESET: dict[str, object] = {**EASYEDIT_VALUE_PRESET, "mom2_update_weight": 15000.0}
+
 
 @dataclass
 class MemitHyperParams(ValueHyperParams):
@@ -30,7 +36,11 @@ class MemitHyperParams(ValueHyperParams):
 
     layers: list[int] = field(
         default_factory=lambda: [4, 5, 6, 7, 8],
-        metadata={"help": "blocks whose MLP output projections share the update (model_args: '4|5|6|7|8')"},
+        metadata={
+            "help": "blocks whose MLP output projections share the update (model_args: '4|5|6|7|8'; default: 4-8 of "
+            "32, at the same relative depth of the loaded model)",
+            "reference_depth": 32,
+        },
     )
     module_template: str = field(
         default="model.layers.{}.mlp.down_proj",

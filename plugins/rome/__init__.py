@@ -37,7 +37,7 @@ from .compute import (
     inverse_second_moment,
     rank_one_delta,
 )
-from .config import FACT_TOKENS, FAMILY_DEFAULTS, RomeHyperParams, ValueHyperParams
+from .config import EASYEDIT_VALUE_PRESET, FAMILY_DEFAULTS, RomeHyperParams, ValueHyperParams
 
 
 class RomeEditor(Editor):
@@ -46,6 +46,7 @@ class RomeEditor(Editor):
     name = "rome"
     hparams_class = RomeHyperParams
     family_defaults = FAMILY_DEFAULTS
+    presets = {"easyedit": EASYEDIT_VALUE_PRESET}
     supports_batch = False
     batch_unsupported_reason = "ROME writes one fact per rank-one update; use MEMIT to write many facts at once"
     supports_parallel = True
@@ -131,14 +132,21 @@ class RomeEditor(Editor):
     def context_templates(self, model, tokenizer, hp: ValueHyperParams) -> list[str]:
         """The context prefixes: sampled once per model, or per call with ``reuse_context_templates=false``."""
         sample = context_templates if hp.reuse_context_templates else generate_context_templates
-        return sample(model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed)
+        return sample(
+            model,
+            tokenizer,
+            hp.context_template_lengths,
+            hp.context_templates_per_length,
+            hp.template_seed,
+            total_length=hp.context_template_length == "total",
+            normalise=hp.context_template_normalise,
+        )
 
     def check_hparams(self, model, hparams: HyperParams) -> RomeHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
         if not isinstance(hparams, RomeHyperParams):
             raise EditorError(f"editor 'rome' needs RomeHyperParams, got {type(hparams).__name__}")
-        if hparams.fact_token not in FACT_TOKENS:
-            raise EditorError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {hparams.fact_token!r}")
+        hparams.check()
         edited_module(model, hparams.module_name, "ROME")
         if hparams.mom2_adjustment:
             try:

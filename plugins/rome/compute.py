@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
@@ -126,30 +127,51 @@ def _device(model) -> torch.device:
 _TEMPLATES: WeakKeyDictionary = WeakKeyDictionary()
 
 
-def context_templates(model, tokenizer, lengths: Sequence[int], per_length: int, seed: int) -> list[str]:
+def context_templates(
+    model,
+    tokenizer,
+    lengths: Sequence[int],
+    per_length: int,
+    seed: int,
+    total_length: bool = False,
+    normalise: bool = False,
+) -> list[str]:
     """``generate_context_templates`` once per model and settings, then reused by every edit and every editor."""
     per_model = _TEMPLATES.setdefault(model, {})
-    key = (tuple(lengths), per_length, seed)
-    if key not in per_model:
-        per_model[key] = generate_context_templates(model, tokenizer, lengths, per_length, seed)
-    return per_model[key]
+    settings = (tuple(lengths), per_length, seed, total_length, normalise)
+    if settings not in per_model:
+        per_model[settings] = generate_context_templates(model, tokenizer, *settings)
+    return per_model[settings]
 
 
-def generate_context_templates(model, tokenizer, lengths: Sequence[int], per_length: int, seed: int) -> list[str]:
+def generate_context_templates(
+    model,
+    tokenizer,
+    lengths: Sequence[int],
+    per_length: int,
+    seed: int,
+    total_length: bool = False,
+    normalise: bool = False,
+) -> list[str]:
     """``["{}"]`` plus ``"<prefix>. {}"`` for prefixes sampled from the model itself (top-k 5).
 
     Averaging keys and losses over such prefixes makes the edit hold in contexts other than the bare prompt.
-    Sampling uses a private generator seeded with ``seed``, so the templates are reproducible and the global
-    RNG state of the caller is left untouched.
+    A prefix is its start word and ``length`` sampled tokens, or with ``total_length`` ``length`` tokens in all
+    (start word and BOS included, as EasyEdit's ``generate_fast``); ``normalise`` applies ``generate_fast``'s NFKD
+    and blank-line clean-up. Sampling uses a private generator seeded with ``seed``, so the templates are
+    reproducible and the global RNG state of the caller is left untouched.
     """
     generator = torch.Generator().manual_seed(seed)
     templates = ["{}"]
     for length in lengths:
         counts = [per_length // len(START_WORDS) + (i < per_length % len(START_WORDS)) for i in range(len(START_WORDS))]
         for word, count in zip(START_WORDS, counts, strict=True):
+            new_tokens = max(0, length - len(tokenizer(word)["input_ids"])) if total_length else length
             if count:
-                for text in sample_continuations(model, tokenizer, word, count, length, generator):
-                    # braces would break str.format; newlines are kept as the model wrote them
+                for text in sample_continuations(model, tokenizer, word, count, new_tokens, generator):
+                    if normalise:
+                        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+                    # braces would break str.format; otherwise the text is kept as the model wrote it
                     templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return templates
 
@@ -405,11 +427,13 @@ def clamp_rows(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
     delta.mul_(torch.where(norms > max_norm[:, None], max_norm[:, None] / norms, 1.0))
 
 
-def converged(nll: float, plain_right: bool, hp: ValueHyperParams) -> bool:
-    """The original early stop (mean target NLL below ``early_stop_loss``), and with ``early_stop_plain`` the
-    plain prompt already predicting every target token: the evaluation asks the plain prompt, and a mean
-    over 21 prompts can fall below the threshold while the plain prompt's first token is still wrong."""
-    return nll < hp.early_stop_loss and (plain_right or not hp.early_stop_plain)
+def converged(nll: float, loss: float, plain_right: bool, hp: ValueHyperParams) -> bool:
+    """Below ``early_stop_loss``: the mean target NLL, or with ``early_stop_on=loss`` the whole loss (EasyEdit and
+    the original code); and with ``early_stop_plain`` the plain prompt already predicting every target token: the
+    evaluation asks the plain prompt, and a mean over 21 prompts can fall below the threshold while the plain
+    prompt's first token is still wrong."""
+    measured = loss if hp.early_stop_on == "loss" else nll
+    return measured < hp.early_stop_loss and (plain_right or not hp.early_stop_plain)
 
 
 def value_forward(model, module, batch: ValueBatch, pad_id: int, reference: Reference) -> LogProbs:
@@ -613,7 +637,8 @@ def optimise_values(
             done = {
                 i
                 for i in range(len(active))
-                if converged(losses.nll[i], losses.plain_right[i], hp) or step == hp.v_num_grad_steps
+                if converged(losses.nll[i], float(losses.loss[i]), losses.plain_right[i], hp)
+                or step == hp.v_num_grad_steps
             }
             for i in done:
                 results[active[i]] = (losses.nll[i], losses.plain_right[i], step)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lm_eval_xke.editors import HyperParams
+from lm_eval_xke.editors import AtDepth, HyperParams
 
 #: Which FFN output projection gets a side memory, per ``model.config.model_type``. EasyEdit's LLaMA-2-7B setting
-#: is ``model.layers[27].mlp.down_proj`` of 32 layers (relative depth 0.84; its Qwen2.5-7B setting, 23 of 28, is
-#: the same depth); that depth is layer 25 of SmolLM2-135M (30 layers), 20 of Qwen2.5-0.5B (24), 15 of Gemma-3-270M
-#: (18) and 10 of GPT-2 (12, whose FFN output projection is ``c_proj``).
+#: is ``model.layers[27].mlp.down_proj`` of 32 layers (the dataclass default, placed at the same relative depth, 0.84,
+#: of the loaded model): layer 25 of SmolLM2-135M (30 layers), 15 of Gemma-3-270M (18) and 10 of GPT-2 (12, whose FFN
+#: output projection is ``c_proj``). Its Qwen2.5-7B setting is 23 of 28: 20 of Qwen2.5-0.5B (24).
 FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
-    "llama": {"layer": 25, "module_template": "model.layers.{}.mlp.down_proj"},
-    "qwen2": {"layer": 20, "module_template": "model.layers.{}.mlp.down_proj"},
-    "gemma3_text": {"layer": 15, "module_template": "model.layers.{}.mlp.down_proj"},
-    "gpt2": {"layer": 10, "module_template": "transformer.h.{}.mlp.c_proj"},
+    "qwen2": {"layer": AtDepth(23, of=28)},
+    "gpt2": {"module_template": "transformer.h.{}.mlp.c_proj"},
 }
 
 #: Unrelated prompts whose activations must stay below ``alpha`` (the paper samples unrelated inputs; EasyEdit feeds
@@ -34,7 +32,14 @@ IRRELEVANT_PROMPTS = (
 class WiseHyperParams(HyperParams):
     """Hyper-parameters of WISE (Wang et al. 2024); defaults follow EasyEdit's ``WISE/llama-7b.yaml`` (WISE-Merge)."""
 
-    layer: int = field(default=27, metadata={"help": "index of the transformer block whose FFN gets a side memory"})
+    layer: int = field(
+        default=27,
+        metadata={
+            "help": "index of the transformer block whose FFN gets a side memory (default: 27 of 32, at the same "
+            "relative depth of the loaded model)",
+            "reference_depth": 32,
+        },
+    )
     module_template: str = field(
         default="model.layers.{}.mlp.down_proj",
         metadata={"help": "name of the FFN output projection copied as side memory; '{}' is replaced by `layer`"},
