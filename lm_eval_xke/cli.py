@@ -65,7 +65,8 @@ def list_editors(args: argparse.Namespace) -> int:
 
     for name in available_editors():
         cls = get_editor(name)
-        print(f"{name}  ({cls.__module__}.{cls.__qualname__}; batch: {'yes' if cls.supports_batch else 'no'})")
+        presets = f"; presets: {', '.join(cls.presets)}" if cls.presets else ""
+        print(f"{name}  ({cls.__module__}.{cls.__qualname__}; batch: {'yes' if cls.supports_batch else 'no'}{presets})")
         for f in dataclasses.fields(cls.hparams_class):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             print(f"    {f.name} = {default!r}  {f.metadata.get('help', '')}")

@@ -99,6 +99,7 @@ def test_fallback_command_and_editor_listing(data_dir):
     listed = subprocess.run([xke, "editors"], capture_output=True, text=True, env=env)
     assert listed.returncode == 0
     assert "rome  (" in listed.stdout and "v_num_grad_steps = 25" in listed.stdout and "none  (" in listed.stdout
+    assert "batch: no; presets: easyedit)" in listed.stdout
 
 
 def test_sequential_mode_through_the_cli_reports_the_forgetting_metrics(tiny_llama_dir, data_dir, tmp_path):
