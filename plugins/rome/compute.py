@@ -531,6 +531,7 @@ class EditLosses:
 
     loss: torch.Tensor  # nll + kl_factor * KL + v_weight_decay * weight decay, [edits]
     nll: list[float]
+    total: list[float]  # ``loss``'s values
     plain_right: list[bool]
 
 
@@ -550,7 +551,7 @@ def edit_losses(
     loss = nll + hp.kl_factor * kl + hp.v_weight_decay * weight_decay(delta, v_init)
     wrong = (target_log_probs.argmax(-1) != batch.t_ids) & stack.target_plain
     wrong_per_edit = torch.zeros(n_edits, device=log_probs.device).index_add(0, stack.target_edit, wrong.float())
-    return EditLosses(loss, nll.tolist(), (wrong_per_edit == 0).tolist())
+    return EditLosses(loss, nll.tolist(), loss.detach().tolist(), (wrong_per_edit == 0).tolist())
 
 
 class StackedForward:
@@ -637,8 +638,7 @@ def optimise_values(
             done = {
                 i
                 for i in range(len(active))
-                if converged(losses.nll[i], float(losses.loss[i]), losses.plain_right[i], hp)
-                or step == hp.v_num_grad_steps
+                if converged(losses.nll[i], losses.total[i], losses.plain_right[i], hp) or step == hp.v_num_grad_steps
             }
             for i in done:
                 results[active[i]] = (losses.nll[i], losses.plain_right[i], step)
