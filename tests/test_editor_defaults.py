@@ -49,6 +49,14 @@ def test_layer_defaults_of_the_measured_models_are_unchanged(editor):
     assert resolved == expected
 
 
+def test_memits_lambda_is_the_measured_one_on_the_small_families_only():
+    memit, alphaedit = get_editor("memit")(), get_editor("alphaedit")()
+    assert [memit.resolve_hparams(t).lambda_per_width for t in ("llama", "qwen2")] == [0.6, 0.6]
+    assert memit.resolve_hparams("gemma3_text").lambda_per_width == pytest.approx(15000 / 11008)
+    assert memit.resolve_hparams("llama", overrides={"lambda_per_width": "1.36"}).update_weight(1536) == 1.36 * 1536
+    assert alphaedit.resolve_hparams("llama").lambda_per_width == pytest.approx(15000 / 11008)  # AlphaEdit has no λ
+
+
 def test_given_layers_are_taken_as_they_are():
     rome = get_editor("rome")()
     assert rome.resolve_hparams("qwen2", overrides={"layer": "7"}, num_layers=10).layer == 7

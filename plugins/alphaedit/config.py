@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lm_eval_xke.plugins.memit.config import FAMILY_DEFAULTS, MemitHyperParams
+from lm_eval_xke.plugins.memit.config import SPREAD_DEFAULTS as FAMILY_DEFAULTS
+from lm_eval_xke.plugins.memit.config import MemitHyperParams
 
 __all__ = ["FAMILY_DEFAULTS", "AlphaEditHyperParams"]
 
