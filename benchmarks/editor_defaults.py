@@ -22,18 +22,7 @@ import tempfile
 from pathlib import Path
 
 from lm_eval_xke.editors import available_editors
-from lm_eval_xke.testing import save_tiny_model
-
-#: shape name -> (architecture, number of blocks)
-SHAPES = {
-    "llama4": ("llama", 4),
-    "llama10": ("llama", 10),
-    "llama16": ("llama", 16),
-    "llama32": ("llama", 32),
-    "qwen2": ("qwen2", 4),
-    "gemma3": ("gemma3", 4),
-    "gpt2": ("gpt2", 4),
-}
+from lm_eval_xke.testing import MODEL_SHAPES, save_tiny_model
 
 
 def run_one(editor: str, model_dir: Path, out_dir: Path) -> tuple[str, str]:
@@ -58,11 +47,11 @@ def run_one(editor: str, model_dir: Path, out_dir: Path) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--editors", default=",".join(available_editors()))
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(MODEL_SHAPES))
     args = parser.parse_args()
     editors, shapes = args.editors.split(","), args.shapes.split(",")
     root = Path(tempfile.mkdtemp(prefix="xke-defaults-"))
-    dirs = {s: save_tiny_model(root / s, SHAPES[s][0], num_layers=SHAPES[s][1]) for s in shapes}
+    dirs = {s: save_tiny_model(root / s, MODEL_SHAPES[s][0], num_layers=MODEL_SHAPES[s][1]) for s in shapes}
     jobs = [(e, s) for e in editors for s in shapes]
     cells = {job: run_one(job[0], dirs[job[1]], root / "out" / "_".join(job)) for job in jobs}
     print(f"editor x shape, lm_eval's CLI path, editor defaults, bizsre_en --limit 1 ({root})\n")

@@ -16,6 +16,17 @@ CHAT_TEMPLATE = (
 )
 
 
+#: Tiny model shapes of the depths and families users run editors on: name -> (architecture, blocks)
+MODEL_SHAPES = {
+    "llama4": ("llama", 4),
+    "llama10": ("llama", 10),
+    "llama16": ("llama", 16),
+    "llama32": ("llama", 32),
+    "qwen2": ("qwen2", 4),
+    "gemma3": ("gemma3", 4),
+    "gpt2": ("gpt2", 4),
+}
+
 #: MEMIT-family hyper-parameters for the tiny random models: their values are tiny (||v_init|| ~ 0.02), so no
 #: decay, a loose clamp, few context templates, a small corpus
 TINY_MEMIT_HPARAMS = dict(

@@ -8,7 +8,7 @@ import pytest
 from lm_eval_xke.editors import AtDepth, EditorError, available_editors, get_editor
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.rome import compute
-from lm_eval_xke.testing import load_tiny, save_tiny_model
+from lm_eval_xke.testing import MODEL_SHAPES, load_tiny, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,29 +63,17 @@ def test_given_layers_are_taken_as_they_are():
     assert get_editor("memit")().resolve_hparams("gpt2", overrides={"layers": "0|3"}, num_layers=4).layers == [0, 3]
 
 
-#: shape -> (tiny architecture, blocks): Llama-shaped at four depths, the other families at 4 blocks
-SHAPES = {
-    "llama4": ("llama", 4),
-    "llama10": ("llama", 10),
-    "llama16": ("llama", 16),
-    "llama32": ("llama", 32),
-    "qwen2": ("qwen2", 4),
-    "gemma3": ("gemma3", 4),
-    "gpt2": ("gpt2", 4),
-}
-
-
 @pytest.fixture(scope="session")
 def shape_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return {name: save_tiny_model(root / name, arch, num_layers=n) for name, (arch, n) in SHAPES.items()}
+    return {name: save_tiny_model(root / name, arch, num_layers=n) for name, (arch, n) in MODEL_SHAPES.items()}
 
 
 def cases():
     """Every editor on the 4-block Llama in the default run; the other shapes are `slow` (the whole table:
     ``benchmarks/editor_defaults.py`` through the CLI in subprocesses)."""
     for editor in available_editors():
-        for shape in SHAPES:
+        for shape in MODEL_SHAPES:
             marks = () if shape == "llama4" else (pytest.mark.slow,)
             yield pytest.param(editor, shape, marks=marks, id=f"{editor}-{shape}")
 
@@ -108,7 +96,7 @@ def test_every_editor_runs_with_its_defaults(editor, shape, shape_dirs, data_dir
         return
     results = simple_evaluate(**run, task_manager=TaskManager(include_defaults=False, metadata=args))
     assert set(results["results"]["bizsre_en"]) >= {"reliability_en_em,none", "locality_en_em,none"}
-    depth = SHAPES[shape][1]
+    depth = MODEL_SHAPES[shape][1]
     hparams = results["config"]["xke"]["hparams"]
     layers = [hparams["layer"]] if "layer" in hparams else hparams.get("layers") or []
     assert all(0 <= layer < depth for layer in layers), hparams
