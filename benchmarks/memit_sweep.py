@@ -89,7 +89,7 @@ def main() -> None:
         f"{args.threads} thread(s), "
         f"overrides {args.overrides}; teacher-forced EM / harmonic F1 in % on the English questions (the task's "
         "process_results); seconds: wall-clock of the batch (answers before, edit, answers after; the first row "
-        "also optimises the values)"
+        "also optimises the values); left: ||z - h_L|| after the spread / before it, mean over the edits"
     )
     roles = " ".join(f"{r[:3] + ' EM/F1':>12}" for r in ROLES)
     print(f"{'layers':<22} {'lambda/width':>12} {'seconds':>8} {roles} {'left':>5}")

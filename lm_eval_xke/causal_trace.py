@@ -89,12 +89,11 @@ def _restored(position: int, clean: torch.Tensor):
 
 @torch.no_grad()
 def trace_prompt(
-    model, ids: list[int], span: tuple[int, int], noise: torch.Tensor, window: int
+    model, mlps: Sequence[nn.Module], ids: list[int], span: tuple[int, int], noise: torch.Tensor, window: int
 ) -> tuple[float, float, list[float]]:
     """``(p clean, p corrupted, effect per block)`` of one prompt; ``noise`` holds one corruption per sample."""
     device = next(model.parameters()).device
-    embed, mlps = model.get_input_embeddings(), [block.mlp for block in decoder_blocks(model)]
-    last = span[1]
+    embed, noise, last = model.get_input_embeddings(), noise.to(device), span[1]
     clean_outputs: dict[int, torch.Tensor] = {}
 
     def keep(layer: int):
@@ -111,7 +110,7 @@ def trace_prompt(
 
     def corrupted_probability(restore: Sequence[int]) -> float:
         restored = [(mlps[i], _restored(last, clean_outputs[i])) for i in restore]
-        with _hooks([(embed, _noised(span, noise.to(device))), *restored]):
+        with _hooks([(embed, _noised(span, noise)), *restored]):
             logits = model(input_ids=batch, logits_to_keep=1).logits[:, -1]
             return logits.float().softmax(-1)[:, prediction].mean().item()
 
@@ -149,10 +148,11 @@ def causal_trace(
     std = noise * subject_embedding_std(model, spans)
     generator = torch.Generator().manual_seed(seed)
     hidden = model.get_input_embeddings().weight.shape[1]
+    mlps = [block.mlp for block in decoder_blocks(model)]
     clean, corrupted, effects = [], [], []
     for ids, first, last in spans:
         draw = torch.randn((samples, last - first + 1, hidden), generator=generator) * std
-        p_clean, p_corrupted, per_block = trace_prompt(model, ids, (first, last), draw, window)
+        p_clean, p_corrupted, per_block = trace_prompt(model, mlps, ids, (first, last), draw, window)
         clean.append(p_clean)
         corrupted.append(p_corrupted)
         effects.append(per_block)
@@ -179,16 +179,10 @@ def add_subcommand(sub) -> None:
 
 
 def _trace_command(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lm_eval_xke import offline_models
     from lm_eval_xke.data import load_bizsre
+    from lm_eval_xke.offline_models import load_pretrained
 
-    path = args.pretrained
-    if path in offline_models.OFFLINE_MODELS:
-        path = str(offline_models.prepare(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.model_dtype)).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer, path = load_pretrained(args.pretrained, args.model_dtype, args.device)
     data = load_bizsre(args.data_file, skip_invalid=True)
     blocks = [record[args.lang] for _, record in data.records]
     prompts = [(b["src"], b["subject"]) for b in blocks if b["subject"] in b["src"]][: args.limit]

@@ -368,6 +368,17 @@ def prepare(name: str, cache_dir: str | os.PathLike | None = None, dtype: str = 
     return target
 
 
+def load_pretrained(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
+    """``(model, tokenizer, folder)`` for the tool commands: an offline model's name is prepared first, anything else
+    is a folder or Hugging Face name; the model comes in ``dtype`` on ``device``, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(prepare(name_or_path)) if name_or_path in OFFLINE_MODELS else name_or_path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
 # ---------------------------------------------------------------- command line
 
 

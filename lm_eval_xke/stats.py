@@ -468,15 +468,9 @@ def add_subcommand(sub) -> None:
 
 
 def _stats_command(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lm_eval_xke.offline_models import load_pretrained
 
-    from lm_eval_xke import offline_models
-
-    path = args.pretrained
-    if path in offline_models.OFFLINE_MODELS:
-        path = str(offline_models.prepare(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.model_dtype)).to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer, path = load_pretrained(args.pretrained, args.model_dtype, args.device)
     modules = [args.module_template.format(int(layer)) for layer in args.layers.split(",")]
     started = time.perf_counter()
     moments = key_statistics(

@@ -480,18 +480,12 @@ def add_subcommand(sub) -> None:
 
 
 def _train_command(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from lm_eval_xke import offline_models
 
     cls = trainable_editor(args.editor)
     sources = data_sources(args.langs, args.data)
-    path = args.pretrained
-    if path in offline_models.OFFLINE_MODELS:
-        path = str(offline_models.prepare(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model, tokenizer, _ = offline_models.load_pretrained(args.pretrained, args.dtype, args.device)
     model.requires_grad_(False)  # only the editor learns; no gradients are kept for the base weights
-    tokenizer = AutoTokenizer.from_pretrained(path)
     values = dict(cls.train_family_defaults.get(model.config.model_type, {}))
     values.update({k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None})
     hp = build_hparams(cls.train_hparams_class, values, source=f"training of '{args.editor}'")
