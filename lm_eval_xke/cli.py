@@ -9,6 +9,7 @@
 - ``lm-eval-xke train mend|serac --pretrained M --out DIR --langs en+zh``: train MEND or SERAC (resumable).
 - ``lm-eval-xke plot transfer <results.json or folder> -o matrix.png``: the MLaKE 5x5 transfer heatmap.
 - ``lm-eval-xke leaderboard|submission|verify|report-plot ...``: merged result tables, submission bundles, plots.
+- ``lm-eval-xke side-effects <unedited run> <run with edit_set=...> [...]``: ordinary tasks before and after held edits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 TOOL_COMMANDS = (
     "editors", "models", "stats", "trace", "train", "plot", "leaderboard", "submission", "verify", "report-plot",
+    "side-effects",
 )  # fmt: skip
 
 
@@ -45,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     training.add_subcommand(sub)
 
     add_plot_subcommand(sub)
-    from lm_eval_xke import leaderboard, report_plots, submission
+    from lm_eval_xke import leaderboard, report_plots, side_effects, submission
 
     leaderboard.add_subcommand(sub)
+    side_effects.add_subcommand(sub)
     submission.add_subcommands(sub)
     report_plots.add_subcommand(sub)
     args = parser.parse_args(argv)

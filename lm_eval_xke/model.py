@@ -29,9 +29,17 @@ from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase, Question
+from lm_eval_xke.edit_set import (
+    EDIT_SET_MODE_SEMANTICS,
+    EditSetSpec,
+    data_sources,
+    edited_fingerprint,
+    load_edit_cases,
+)
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, EditPlan, get_editor, hparam_fields, parallel_editors
 from lm_eval_xke.failed_edits import failed_answer, non_finite_reason
 from lm_eval_xke.journal import CaseEntry, Journal, JournalError, digest, journal_enabled, journal_path
+from lm_eval_xke.responses import without_readout
 from lm_eval_xke.stats import weights_fingerprint
 
 # under lm-eval's logger tree, so that its CLI logging set-up prints our lines next to its own
@@ -108,8 +116,10 @@ class XKELM(LM):
     with ``supports_parallel``), ``backend`` (hf | vllm), ``seed``, ``journal`` (``auto``:
     a resumable journal of finished cases under ``$XKE_CACHE_DIR/journals``; a file or folder; ``off``),
     ``on_edit_failure`` (``skip``: record a failed edit, score its questions 0 and go on; ``stop``: end the run),
-    ``xke_*`` task options, and every argument of the backend (`hf`: those of lm-eval's HFLM; `vllm`: those of
-    HFLM for the editing model plus vLLM's ``EngineArgs`` fields).
+    ``edit_set`` (``<task>:<count>[:<offset>]``: edits held for the whole run, so that every ordinary task is
+    answered by the edited model; ``edit_set_mode`` batch | sequential, ``edit_set_include_path`` for a user's own
+    edit task), ``xke_*`` task options, and every argument of the backend (`hf`: those of lm-eval's HFLM; `vllm`:
+    those of HFLM for the editing model plus vLLM's ``EngineArgs`` fields).
     """
 
     @classmethod
@@ -137,6 +147,9 @@ class XKELM(LM):
         seed: int = 0,
         journal: str | bool | None = "auto",
         on_edit_failure: str = "skip",
+        edit_set: str | None = None,
+        edit_set_mode: str | None = None,
+        edit_set_include_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -165,6 +178,7 @@ class XKELM(LM):
             raise EditorError(
                 f"on_edit_failure must be one of {', '.join(EDIT_FAILURE_POLICIES)}, got {on_edit_failure!r}"
             )
+        held = _check_edit_set(edit_set, edit_set_mode, edit_set_include_path, editor_cls)
         backend_cls = _backend_class(backend)
         overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls, backend_cls)
         self.backend = backend_cls(**backend_kwargs)
@@ -190,8 +204,12 @@ class XKELM(LM):
         self.journal_setting = journal
         self.on_edit_failure = on_edit_failure
         self._backend_args = backend_kwargs
-        self._weights: str | None = None  # fingerprint of the unedited weights, for the journal's identity
+        self._weights = weights_fingerprint(self.backend.model)  # of the unedited model: journal identity, results
         self._run = _RunRecord()
+        self._held: list[AppliedEdit] = []  # the edit set's edits, applied until the process ends
+        self._edit_set: dict[str, Any] | None = None  # what the results record of them
+        if held is not None:
+            self._hold_edit_set(*held, include_path=edit_set_include_path)
 
     # ------------------------------------------------------------ lm-eval plumbing, forwarded
 
@@ -279,7 +297,9 @@ class XKELM(LM):
             **({"backend_settings": self.backend.settings()} if hasattr(self.backend, "settings") else {}),
             "seed": self.seed,
             "on_edit_failure": self.on_edit_failure,
+            "weights": self._weights,
             "task_options": dict(self.task_options),
+            "edit_set": self._edit_set,
             # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
             "f1_tokenizer": self.tokenizer_name,
             **self._run.summary(),
@@ -307,8 +327,16 @@ class XKELM(LM):
         """Answer every request, editing per case; results keep the order of ``requests``."""
         results: list[Any] = [None] * len(requests)
         plain = [i for i, r in enumerate(requests) if not _is_edit_request(r)]
+        if self._edit_set is not None and len(plain) < len(requests):
+            tasks = sorted({r.task_name for r in requests if _is_edit_request(r)})
+            raise EditorError(
+                f"edit_set={self._edit_set['task']}:{self._edit_set['count']} holds its edits for the whole run, and "
+                f"the edit tasks {', '.join(tasks)} would edit on top of them: run edit tasks in an lm_eval call "
+                "without edit_set, and the ordinary tasks (the side effects of the held edits) in this one"
+            )
         if plain:
-            for i, out in zip(plain, passthrough([requests[i] for i in plain]), strict=True):
+            answers = self._answer_plain([requests[i] for i in plain], passthrough, answer)
+            for i, out in zip(plain, answers, strict=True):
                 results[i] = out
         works = self._group_cases(requests)
         if not works:
@@ -332,6 +360,46 @@ class XKELM(LM):
             if journal is not None:
                 journal.close()
         return results
+
+    def _answer_plain(self, instances: list, passthrough: Callable, answer: Callable) -> list:
+        """Ordinary lm-eval requests: the backend's own path (the HF model, edited in place while an edit set is
+        held), or, for a backend that answers per edit (vLLM) while an edit set is held, under the held edits."""
+        if not (self._held and self._answers_per_edit):
+            return passthrough(instances)
+        return [without_readout(out) for out in answer(instances, [tuple(self._held)] * len(instances))]
+
+    def _hold_edit_set(self, spec: EditSetSpec, mode: str, include_path: str | None) -> None:
+        """Apply the edit set's cases (one call, or one per case on top of the last) and record what was held."""
+        cases = load_edit_cases(spec, self.task_options, include_path)
+        works = [_CaseWork(case, key=(spec.task, spec.offset + i)) for i, case in enumerate(cases)]
+        chunks = [works] if mode == "batch" else [[work] for work in works]
+        model = self.backend.model
+        log.info("xke edit_set %s: %d cases, %s, editor %s", spec, len(works), mode, self.editor.name)
+        for chunk in tqdm(chunks, desc=f"xke edit_set {self.editor.name} {mode}"):
+            outcome = self._apply(chunk)
+            if outcome.edit is not None and outcome.edit.rewrites_prompts:
+                outcome.edit.restore()
+                raise EditorError(
+                    f"editor '{self.editor.name}' edits the prompt of each question, not the model: it cannot hold an "
+                    "edit set for ordinary tasks. Use a weight or memory editor (e.g. memit, rome, grace)."
+                )
+            if outcome.edit is not None:
+                self._held.append(outcome.edit)
+        self._edit_set = {
+            "task": spec.task,
+            "count": spec.count,
+            "offset": spec.offset,
+            "include_path": include_path,
+            "mode": mode,
+            "mode_semantics": EDIT_SET_MODE_SEMANTICS[mode],
+            "data": data_sources(cases),
+            "cases_sha256": digest([case.to_doc() for case in cases]),
+            "n_edits": len(works),
+            "n_held": len(works) - sum(w.key in self._run.failures for w in works),
+            "n_failed": sum(w.key in self._run.failures for w in works),
+            "seconds": round(sum(self._run.edit_seconds), 3),
+            "weights_edited": edited_fingerprint(model, self._held),
+        }
 
     def _chunks(self, works: list[_CaseWork]) -> list[list[_CaseWork]]:
         """The cases of each editor call, in dataset order (one per call outside batch mode)."""
@@ -514,8 +582,6 @@ class XKELM(LM):
 
     def _journal_identity(self, requests: list, works: list[_CaseWork]) -> dict[str, Any]:
         """Everything the journaled answers depend on; a journal is reused only by a run with the same identity."""
-        if self._weights is None:
-            self._weights = weights_fingerprint(self.backend.model)  # once: the model is clean between calls
         return {
             "request_type": requests[works[0].positions[0]].request_type,
             "editor": self.editor.name,
@@ -753,6 +819,26 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
     if not whole or number < minimum:
         raise EditorError(f"model_arg {name} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def _check_edit_set(
+    value: Any, mode: str | None, include_path: str | None, editor_cls: type[Editor]
+) -> tuple[EditSetSpec, str] | None:
+    """The parsed ``edit_set`` and its mode (default: batch where the editor can, else sequential), or None."""
+    if value is None:
+        if mode is not None or include_path is not None:
+            raise EditorError("edit_set_mode and edit_set_include_path go with edit_set=<task>:<count>[:<offset>]")
+        return None
+    spec = EditSetSpec.parse(value)
+    mode = mode or ("batch" if editor_cls.supports_batch else "sequential")
+    if mode not in EDIT_SET_MODE_SEMANTICS:
+        raise EditorError(f"edit_set_mode must be one of {', '.join(EDIT_SET_MODE_SEMANTICS)}, got {mode!r}")
+    if mode == "batch" and not editor_cls.supports_batch:
+        raise EditorError(
+            f"editor '{editor_cls.name}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. "
+            "Use edit_set_mode=sequential."
+        )
+    return spec, mode
 
 
 def _check_edit_parallel(value: Any, edit_mode: str, editor_cls: type[Editor]) -> int:

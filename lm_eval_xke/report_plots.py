@@ -43,11 +43,11 @@ def rows_for_model(paths: Sequence[str | Path], model: str | None, protocol: str
     return chosen
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise LeaderboardError('plots need matplotlib: pip install "lm_eval_xke[plots]"') from None
+        raise LeaderboardError("plots need matplotlib, a dependency of lm_eval_xke: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -56,7 +56,7 @@ def _pyplot():
 
 def plot_bars(rows: Sequence[Row], metric: str, out: str | Path) -> Path:
     """Grouped bars: x = metric columns in the paper's order, one bar per editor, one panel per edit language."""
-    plt = _pyplot()
+    plt = pyplot()
     langs = sorted({r.key[2] for r in rows})
     editors = sorted({r.key[1] for r in rows})
     stems = [stem for stem, _, _ in BIZSRE_COLUMNS]
@@ -73,7 +73,7 @@ def plot_bars(rows: Sequence[Row], metric: str, out: str | Path) -> Path:
         ax.set_ylabel(f"{metric.upper()} (%)")
         ax.set_title(f"{rows[0].key[0]}: edits in {lang} ({rows[0].key[3]})")
         ax.legend(title="editor", fontsize=8)
-    return _save(fig, plt, out)
+    return save_figure(fig, plt, out)
 
 
 def gap_values(row: Row, metric: str) -> dict[str, float | None]:
@@ -91,7 +91,7 @@ def gap_values(row: Row, metric: str) -> dict[str, float | None]:
 
 def plot_gap(rows: Sequence[Row], metric: str, out: str | Path) -> Path:
     """Per editor, bars of the cross-lingual gap for each role; one panel per edit language."""
-    plt = _pyplot()
+    plt = pyplot()
     langs = sorted({r.key[2] for r in rows})
     editors = sorted({r.key[1] for r in rows})
     fig, axes = plt.subplots(1, len(langs), figsize=(2.2 * len(editors) * len(langs) + 2, 3.6), squeeze=False)
@@ -111,10 +111,10 @@ def plot_gap(rows: Sequence[Row], metric: str, out: str | Path) -> Path:
         ax.set_ylabel(f"{metric.upper()} gap {lang} - {other} (points)")
         ax.set_title(f"{rows[0].key[0]}: edits in {lang}")
         ax.legend(fontsize=8)
-    return _save(fig, plt, out)
+    return save_figure(fig, plt, out)
 
 
-def _save(fig, plt, out: str | Path) -> Path:
+def save_figure(fig, plt, out: str | Path) -> Path:
     out = Path(out)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

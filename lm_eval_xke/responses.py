@@ -32,3 +32,8 @@ def readout_of(result: Any) -> dict[str, Any]:
             "(use --model xke with editor=none for the unedited baseline)"
         )
     return json.loads(result[2])
+
+
+def without_readout(result: Any) -> Any:
+    """lm-eval's own response: the loglikelihood pair of a response with a read-out, anything else as it is."""
+    return tuple(result[:2]) if has_readout(result) else result

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from vllm_cases import FACTS, TINY_ROME, answer, assert_same_answers, edited_first_token, requests
+from lm_eval.api.instance import Instance
+from vllm_cases import FACTS, GREEDY, TINY_ROME, answer, assert_same_answers, edited_first_token, requests
 
 PROTOCOLS = ("loglikelihood", "generate_until")
 
@@ -51,3 +52,25 @@ def test_sequential_edits_are_mirrored_in_place(xke, tiny_llama_dir):
     hf = xke(tiny_llama_dir, editor="rome", backend="hf", edit_mode="sequential", **TINY_ROME)
     assert_same_answers(ours, hf.loglikelihood(questions))
     assert lm.backend.answered["live"] - before == 6 + 6  # post questions after each edit, final ones at the end
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_held_edit_set_answers_ordinary_requests_in_vllm(xke, tiny_llama_dir, data_dir, protocol):
+    """edit_set: ordinary lm-eval requests are answered by vLLM with the held edits mirrored into its weights, as
+    the HF backend answers them on its edited weights (a vLLM engine of its own: max_num_seqs tells it apart)."""
+    held = dict(editor="rome", edit_set="bizsre_en:2", xke_data_file=str(data_dir), **TINY_ROME)
+    lm = xke(tiny_llama_dir, max_num_seqs=7, **held)
+    plain = [
+        Instance(protocol, {}, (f"The capital city of {subject}", f" {target}" if protocol == "loglikelihood"
+                 else dict(GREEDY)), 0, ("plain", doc_id, 1))
+        for doc_id, (subject, target) in enumerate(FACTS)
+    ]  # fmt: skip
+    before = lm.backend.answered["live"]
+    ours = answer(lm, protocol, plain)
+    assert lm.backend.answered["live"] - before == len(plain)
+    reference = answer(xke(tiny_llama_dir, backend="hf", **held), protocol, plain)
+    for mine, theirs in zip(ours, reference, strict=True):
+        if protocol == "generate_until":
+            assert mine == theirs
+        else:  # lm-eval's own (loglikelihood, is_greedy), no read-out
+            assert len(mine) == 2 and mine[1] == theirs[1] and mine[0] == pytest.approx(theirs[0], abs=1e-3)
