@@ -7,12 +7,14 @@ last token; the probability recovered is ``l``'s indirect effect. Averaged over 
 the fact is recalled, which is where MEMIT writes: the paper reads GPT-J's layers 3-8 off this trace. The window is
 the paper's 10 of GPT-2 XL's 48 blocks, at the same relative depth of the traced model.
 
-``lm-eval-xke trace --pretrained M`` prints the trace of Bi-ZsRE prompts and the ``layers=`` it suggests.
+``lm-eval-xke trace --pretrained M`` prints the trace of Bi-ZsRE prompts and the ``layers=`` it suggests;
+``layers=auto`` (MEMIT, AlphaEdit, LangEdit) edits those layers: :func:`traced_layers`, cached per model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lm_eval_xke.editors import AtDepth
+from lm_eval_xke.editors import AtDepth, EditorError
 from lm_eval_xke.hidden_states import decoder_blocks
 
 #: the paper's MLP restoration window: 10 of GPT-2 XL's 48 blocks
@@ -160,16 +162,79 @@ def causal_trace(
     return Trace(mean, sum(clean) / len(clean), sum(corrupted) / len(corrupted), window, len(spans), std)
 
 
+def bizsre_prompts(data_file: str | None, lang: str, limit: int) -> tuple[list[tuple[str, str]], str]:
+    """The first ``limit`` Bi-ZsRE test prompts in ``lang`` whose subject is in the prompt, and the data's sha256."""
+    from lm_eval_xke.data import load_bizsre
+
+    data = load_bizsre(data_file, skip_invalid=True)
+    blocks = [record[lang] for _, record in data.records]
+    return [(b["src"], b["subject"]) for b in blocks if b["subject"] in b["src"]][:limit], data.sha256
+
+
+#: what ``layers=auto`` traces: the ``trace`` command's defaults
+AUTO_SETTINGS = {"lang": "en", "limit": 20, "samples": 10, "noise": 3.0}
+
+
+def traced_layers(model, tokenizer, size: int, data_file: str | None = None) -> dict:
+    """``layers=auto``: the ``size`` consecutive blocks with the largest summed indirect effect on Bi-ZsRE's first
+    English prompts (``AUTO_SETTINGS``), with the trace they were read from; cached under the cache folder per
+    model weights, data and settings, so a model is traced once."""
+    from lm_eval_xke.data import cache_dir
+    from lm_eval_xke.journal import digest
+    from lm_eval_xke.stats import weights_fingerprint
+
+    try:
+        prompts, sha256 = bizsre_prompts(data_file, AUTO_SETTINGS["lang"], AUTO_SETTINGS["limit"])
+    except (FileNotFoundError, ValueError) as err:
+        raise EditorError(
+            f"layers=auto traces Bi-ZsRE prompts, which could not be read ({err}); set XKE_DATA_DIR or "
+            "xke_data_file=<bizsre_test.json>, or give the layers (lm-eval-xke trace suggests them)"
+        ) from None
+    key = digest([weights_fingerprint(model), sha256, AUTO_SETTINGS, size])
+    path = cache_dir() / "traces" / f"{key[:32]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    started = time.perf_counter()
+    settings = {k: AUTO_SETTINGS[k] for k in ("samples", "noise")}
+    trace = causal_trace(model, tokenizer, prompts, **settings)
+    record = {
+        "layers": trace.best_window(size),
+        "rule": f"the {size} consecutive blocks with the largest summed average indirect effect of their MLPs",
+        "prompts": f"{trace.prompts} Bi-ZsRE {AUTO_SETTINGS['lang']} test prompts (sha256 {sha256[:12]})",
+        **settings,
+        "window": trace.window,
+        "effects": trace.effects,
+        "p_clean": round(trace.clean, 5),
+        "p_corrupted": round(trace.corrupted, 5),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record), encoding="utf-8")
+    return record
+
+
 # ---------------------------------------------------------------- lm-eval-xke trace
 
 
 def add_subcommand(sub) -> None:
     p = sub.add_parser("trace", help="causal trace of a model's MLPs on Bi-ZsRE prompts: where MEMIT should write")
     p.add_argument("--pretrained", required=True, help="HF model folder or name, or an offline model name")
-    p.add_argument("--lang", default="en", choices=("en", "zh"), help="Bi-ZsRE language of the prompts")
-    p.add_argument("--limit", type=int, default=20, help="number of Bi-ZsRE test records traced (the first ones)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples per prompt")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subject embeddings' std")
+    p.add_argument(
+        "--lang", default=AUTO_SETTINGS["lang"], choices=("en", "zh"), help="Bi-ZsRE language of the prompts"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=AUTO_SETTINGS["limit"],
+        help="number of Bi-ZsRE test records traced (the first ones)",
+    )
+    p.add_argument("--samples", type=int, default=AUTO_SETTINGS["samples"], help="noise samples per prompt")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=AUTO_SETTINGS["noise"],
+        help="noise std as a multiple of the subject embeddings' std",
+    )
     p.add_argument("--window", type=int, default=None, help="blocks restored together (default: 10 of 48, scaled)")
     p.add_argument("--size", type=int, default=5, help="number of consecutive blocks suggested for MEMIT's layers")
     p.add_argument("--data-file", default=None, help="bizsre_test.json (default: found through XKE_DATA_DIR)")
@@ -179,17 +244,14 @@ def add_subcommand(sub) -> None:
 
 
 def _trace_command(args) -> int:
-    from lm_eval_xke.data import load_bizsre
     from lm_eval_xke.offline_models import load_pretrained
 
     model, tokenizer, path = load_pretrained(args.pretrained, args.model_dtype, args.device)
-    data = load_bizsre(args.data_file, skip_invalid=True)
-    blocks = [record[args.lang] for _, record in data.records]
-    prompts = [(b["src"], b["subject"]) for b in blocks if b["subject"] in b["src"]][: args.limit]
+    prompts, sha256 = bizsre_prompts(args.data_file, args.lang, args.limit)
     started = time.perf_counter()
     trace = causal_trace(model, tokenizer, prompts, args.samples, args.noise, args.window)
     print(
-        f"causal trace of {path}: {trace.prompts} Bi-ZsRE {args.lang} prompts (sha256 {data.sha256[:12]}, records "
+        f"causal trace of {path}: {trace.prompts} Bi-ZsRE {args.lang} prompts (sha256 {sha256[:12]}, records "
         f"whose subject is in the prompt), {args.samples} corruptions each, noise std {trace.noise_std:.4g} "
         f"({args.noise} x the subject embeddings'), MLP outputs restored at the subject's last token over "
         f"{trace.window} blocks; p(model's own prediction): clean {trace.clean:.3f}, corrupted {trace.corrupted:.3f} "

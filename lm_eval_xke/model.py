@@ -191,9 +191,8 @@ class XKELM(LM):
         # backends that answer many edits in one call are told, per request, which edits it is answered under
         self._answers_per_edit = getattr(self.backend, "answers_per_edit", False)
         self.editor: Editor = editor_cls()
-        config = self.backend.model.config
-        model_type, num_layers = getattr(config, "model_type", ""), getattr(config, "num_hidden_layers", None)
-        self.hparams = self.editor.resolve_hparams(model_type, editor_config, overrides, num_layers, preset)
+        self.traced: dict[str, dict] = {}  # layers=auto: per hyper-parameter, the causal trace that chose it
+        self.hparams = self._resolve_hparams(editor_config, overrides, preset)
         self.preset = preset
         self.edit_mode = edit_mode
         self.edit_order = edit_order
@@ -298,6 +297,7 @@ class XKELM(LM):
             "seed": self.seed,
             "on_edit_failure": self.on_edit_failure,
             "weights": self._weights,
+            "traced_layers": self.traced or None,
             "task_options": dict(self.task_options),
             "edit_set": self._edit_set,
             # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
@@ -360,6 +360,30 @@ class XKELM(LM):
             if journal is not None:
                 journal.close()
         return results
+
+    def _resolve_hparams(self, editor_config: str | None, overrides: dict[str, Any], preset: str | None):
+        """The editor's hyper-parameters for the loaded model; a ``traceable`` one given as ``auto`` (MEMIT's
+        ``layers=auto``) becomes as many consecutive blocks as its default has, where the causal trace is largest."""
+        config = self.backend.model.config
+        model_type, num_layers = getattr(config, "model_type", ""), getattr(config, "num_hidden_layers", None)
+        auto = [
+            name
+            for name, f in hparam_fields(self.editor.hparams_class).items()
+            if f.metadata.get("traceable") and str(overrides.get(name, "")).strip().lower() == "auto"
+        ]
+        if auto:
+            from lm_eval_xke.causal_trace import traced_layers
+
+            given = {k: v for k, v in overrides.items() if k not in auto}
+            defaults = self.editor.resolve_hparams(model_type, editor_config, given, num_layers, preset)
+            for name in auto:
+                size = len(getattr(defaults, name))
+                self.traced[name] = traced_layers(
+                    self.backend.model, self.backend.tokenizer, size, self.task_options.get("xke_data_file")
+                )
+                overrides = {**overrides, name: self.traced[name]["layers"]}
+                log.info("xke %s=auto: the causal trace chose %s", name, self.traced[name]["layers"])
+        return self.editor.resolve_hparams(model_type, editor_config, overrides, num_layers, preset)
 
     def _answer_plain(self, instances: list, passthrough: Callable, answer: Callable) -> list:
         """Ordinary lm-eval requests: the backend's own path (the HF model, edited in place while an edit set is
@@ -890,7 +914,8 @@ def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_
         raise EditorError(
             f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
             "xke arguments: editor, preset, editor_config, edit_mode, edit_order, edit_batch_size, edit_parallel, "
-            "backend, seed, xke_* task options; "
+            "edit_set, edit_set_mode, edit_set_include_path, backend, seed, journal, on_edit_failure, xke_* task "
+            "options; "
             f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
             f"backend ({backend_cls.name}) arguments: {', '.join(sorted(hf_names))}"
             + (" and vLLM's EngineArgs fields" if engine_names else "")

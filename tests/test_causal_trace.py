@@ -50,3 +50,25 @@ def test_the_trace_command_prints_the_effects_and_the_layers(tiny_llama_dir, dat
     out = capsys.readouterr().out
     assert "causal trace of" in out and "2 Bi-ZsRE en prompts" in out and "over 1 blocks" in out
     assert out.count("\n    ") == 4 and "largest summed effect over 2 blocks: layers=" in out
+
+
+def test_layers_auto_edits_where_the_trace_points_and_is_traced_once(tiny_llama_dir, data_dir, monkeypatch, tmp_path):
+    from lm_eval_xke import causal_trace as tracing
+    from lm_eval_xke.model import XKELM
+
+    monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(tracing.AUTO_SETTINGS, "limit", 3)  # a cheap trace: 3 prompts, 2 corruptions each
+    monkeypatch.setitem(tracing.AUTO_SETTINGS, "samples", 2)
+    args = dict(pretrained=str(tiny_llama_dir), device="cpu", editor="memit", xke_data_file=str(data_dir))
+    lm = XKELM(**args, layers="auto")
+    traced = lm.get_model_info()["xke"]["traced_layers"]["layers"]
+    default = XKELM(**args).hparams.layers  # 0-1 on the 4-block Llama: two blocks, so auto picks two
+    assert len(traced["layers"]) == len(default) == 2 and lm.hparams.layers == traced["layers"]
+    expected = Trace(traced["effects"], 0.0, 0.0, traced["window"], 3, 0.0).best_window(2)
+    assert traced["layers"] == expected and "3 Bi-ZsRE en test prompts" in traced["prompts"]
+
+    def no_second_trace(*args, **kwargs):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(tracing, "causal_trace", no_second_trace)
+    assert XKELM(**args, layers="auto").hparams.layers == traced["layers"]  # from the cache

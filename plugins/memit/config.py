@@ -49,9 +49,11 @@ class MemitHyperParams(ValueHyperParams):
     layers: list[int] = field(
         default_factory=lambda: [4, 5, 6, 7, 8],
         metadata={
-            "help": "blocks whose MLP output projections share the update (model_args: '4|5|6|7|8'; default: 4-8 of "
-            "32, at the same relative depth of the loaded model)",
+            "help": "blocks whose MLP output projections share the update (model_args: '4|5|6|7|8', or 'auto': as many "
+            "consecutive blocks where the causal trace of the model is largest; default: 4-8 of 32, at the same "
+            "relative depth of the loaded model)",
             "reference_depth": 32,
+            "traceable": True,
         },
     )
     module_template: str = field(
