@@ -1,7 +1,8 @@
 """Reading a causal LM's hidden states: padding, its list of blocks, and mean-pooled block outputs.
 
 Shared by the editors that embed text with the evaluated model itself (SERAC's scope classifier, ReMaKE's
-retriever) and by the weight editors that batch prompts (``padding_id``).
+retriever), by the weight editors that batch prompts (``padding_id``), and by the read-out and the value
+optimisation, which project only the positions they read onto the vocabulary (``project_reads``).
 """
 
 from __future__ import annotations
@@ -58,3 +59,22 @@ def mean_pooled(model, tokenizer, block: nn.Module, texts: Sequence[str]) -> tor
         model(input_ids=input_ids, attention_mask=mask)
     weights = mask[..., None].float()
     return (record["hidden"].float() * weights).sum(1) / weights.sum(1)
+
+
+@contextlib.contextmanager
+def project_reads(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Let the output embedding project only the hidden states at ``(rows[i], cols[i])``: logits
+    ``[1, n_reads, vocab]``.
+
+    Projecting every position onto the vocabulary is a large share of the cost (a fifth of SmolLM2-135M's FLOPs)
+    and most of the memory (positions x vocabulary floats); a read-out or a loss needs a handful of positions per row.
+    """
+
+    def hook(_module, args):
+        return (args[0][rows, cols][None], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

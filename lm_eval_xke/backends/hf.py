@@ -13,29 +13,11 @@ from dataclasses import dataclass
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from lm_eval_xke.hidden_states import project_reads
 from lm_eval_xke.responses import readout_response
 
 # Sequences per forward pass of the read-out; bounds memory when many cases are read out together.
 READOUT_CHUNK = 64
-
-
-@contextlib.contextmanager
-def project_reads(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
-    """Let the output embedding project only the hidden states at ``(rows[i], cols[i])``: logits
-    ``[1, n_reads, vocab]``.
-
-    Projecting every position onto the vocabulary is a large share of the cost (a fifth of SmolLM2-135M's FLOPs)
-    and most of the memory (positions x vocabulary floats); a read-out or a loss needs a handful of positions per row.
-    """
-
-    def hook(_module, args):
-        return (args[0][rows, cols][None], *args[1:])
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @dataclass(frozen=True)

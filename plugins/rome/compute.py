@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from lm_eval_xke.backends.hf import project_reads
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
-from lm_eval_xke.hidden_states import padding_id
+from lm_eval_xke.hidden_states import padding_id, project_reads
 from lm_eval_xke.stats import pad_right
 
 from .config import ValueHyperParams
