@@ -107,7 +107,7 @@ class MemitEditor(RomeEditor):
             "layers": layers,
             "value_seconds": value_seconds,
             # how much of the wanted residual change the update did not deliver (0: all of it)
-            "residual_left": (remaining.norm(dim=1).cpu() / wanted.norm(dim=1).clamp_min(1e-12)).tolist(),
+            "residual_left": (remaining.norm(dim=1) / wanted.norm(dim=1).clamp_min(1e-12)).cpu().tolist(),
             "requests": [
                 {"subject": r.subject, "nll": s.nll, "plain_right": s.plain_right, "steps": s.steps}
                 for r, s in zip(requests, solutions, strict=True)
