@@ -162,6 +162,20 @@ def _model_label(name: str) -> str:
     return Path(name).name if name.startswith(("/", ".", "~")) else name
 
 
+def model_args_of(config: dict) -> dict[str, str]:
+    """A results ``config``'s model_args as a dict (the CLI records the string it was given, the API a dict)."""
+    args = config.get("model_args") or {}
+    if isinstance(args, str):
+        args = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
+    return {k: str(v) for k, v in args.items()}
+
+
+def model_label(config: dict) -> str:
+    """The model a results ``config`` ran, as tables show it: ``pretrained`` from its model_args (see
+    ``_model_label``), else the lm-eval model name."""
+    return _model_label(model_args_of(config).get("pretrained", str(config.get("model", "?"))).rstrip("/"))
+
+
 def _only(values: Sequence[Any], what: str) -> Any:
     if len(values) != 1:
         raise LeaderboardError(f"{what} is ambiguous ({', '.join(map(str, values)) or 'none recorded'})")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_xke.data import MLAKE_LANGS, flag_option
+from lm_eval_xke.leaderboard import model_label
 from lm_eval_xke.parallel_data import BMIKE53_DATASETS, BMIKE53_LANGS, MZSRE_LANGS
 
 
@@ -89,14 +90,6 @@ def results_files(path: str | Path) -> list[Path]:
     return found
 
 
-def _model_name(config: dict) -> str:
-    args = config.get("model_args") or {}
-    if isinstance(args, str):
-        args = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
-    pretrained = str(args.get("pretrained", config.get("model", "?")))
-    return Path(pretrained.rstrip("/")).name or pretrained
-
-
 def _editor_name(config: dict) -> str:
     xke = config.get("xke") or {}
     args = config.get("model_args") or {}
@@ -131,7 +124,7 @@ def transfer_matrix(
                 edit = _edit_lang(task, spec, (data.get("configs") or {}).get(task) or {})
                 tasks[task] = (values, int(counts.get("effective", 0)), edit)
                 editors.add(_editor_name(data.get("config") or {}))
-                models.add(_model_name(data.get("config") or {}))
+                models.add(model_label(data.get("config") or {}))
     if not tasks:
         raise ValueError(f"no {family} task in {', '.join(str(f) for f in files)}")
     sums: dict[tuple[str, str], list[float]] = {}

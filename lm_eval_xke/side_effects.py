@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_xke.leaderboard import LeaderboardError, find_results_files
+from lm_eval_xke.leaderboard import LeaderboardError, find_results_files, model_args_of, model_label
 from lm_eval_xke.report_plots import pyplot, save_figure
 
 #: ``<family>_<lang>``: a 2-3 letter code, optionally with a script (``zho_Hans``) or region (``pt_BR``)
@@ -113,7 +113,8 @@ class Comparison:
         spec = first.edit_set
         where = f"{spec['task']} from case {spec['offset']}, {spec['mode']}"
         counts = ", ".join(run.label for run in self.edited)
-        return f"Side effects of held edits ({counts}; editor {first.xke.get('editor')}, {where}) on {_model(first)}"
+        model = model_label(first.results.get("config") or {})
+        return f"Side effects of held edits ({counts}; editor {first.xke.get('editor')}, {where}) on {model}"
 
 
 # ---------------------------------------------------------------- reading and checking runs
@@ -183,23 +184,11 @@ def _differences(a: Run, b: Run) -> list[str]:
     return found
 
 
-def _model_args(run: Run) -> dict[str, str]:
-    args = run.results.get("config", {}).get("model_args") or {}
-    if isinstance(args, str):
-        args = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
-    return {k: str(v) for k, v in args.items()}
-
-
-def _model(run: Run) -> str:
-    pretrained = _model_args(run).get("pretrained", run.results.get("model_name", "?"))
-    return Path(pretrained.rstrip("/")).name or pretrained
-
-
 def _model_identity(run: Run, fingerprint: bool) -> tuple:
     """The unedited weights' fingerprint (both runs ``--model xke``), else checkpoint, revision and dtype."""
     if fingerprint:
         return ("weights", run.xke["weights"])
-    args = _model_args(run)
+    args = model_args_of(run.results.get("config") or {})
     return ("checkpoint", args.get("pretrained", "").rstrip("/"), args.get("revision"), args.get("dtype", "auto"))
 
 
