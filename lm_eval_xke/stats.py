@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lm_eval_xke.model_state import evaluating
+
 log = logging.getLogger("lm_eval.models.xke.stats")
 
 #: Offline corpora in the shared-data layout: name -> (path under the data folder, reader).
@@ -325,36 +327,34 @@ def tally(
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in zip(modules, hooked, strict=True)]
-    was_training = model.training
-    model.eval()
-    last_save = time.monotonic()
-    bar = tqdm(total=n_tokens, initial=count, unit="tok", unit_scale=True, desc=f"key statistics {source.name}")
-    try:
-        while count < n_tokens and doc < len(source.texts):
-            texts = source.texts[doc : doc + batch_size]
-            encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-            input_ids, mask = pad_right(encoded, pad_id, device)
-            captured.clear()
-            with torch.no_grad():
-                try:
-                    model(input_ids=input_ids, attention_mask=mask)
-                except _StopForward:
-                    pass
-            taken = 0
-            for name in modules:
-                keys = captured[name][mask.to(captured[name].device).bool()].to(acc_dtype)[: n_tokens - count]
-                sums[name] = sums.get(name, 0) + keys.T @ keys
-                taken = keys.shape[0]
-            count, doc = count + taken, doc + len(texts)
-            bar.update(taken)
-            if time.monotonic() - last_save > checkpoint_seconds:
-                _save(partial, {"key": partial_key, "next_doc": doc, "count": count, "sums": sums})
-                last_save = time.monotonic()
-    finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with evaluating(model):
+        last_save = time.monotonic()
+        bar = tqdm(total=n_tokens, initial=count, unit="tok", unit_scale=True, desc=f"key statistics {source.name}")
+        try:
+            while count < n_tokens and doc < len(source.texts):
+                texts = source.texts[doc : doc + batch_size]
+                encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+                input_ids, mask = pad_right(encoded, pad_id, device)
+                captured.clear()
+                with torch.no_grad():
+                    try:
+                        model(input_ids=input_ids, attention_mask=mask)
+                    except _StopForward:
+                        pass
+                taken = 0
+                for name in modules:
+                    keys = captured[name][mask.to(captured[name].device).bool()].to(acc_dtype)[: n_tokens - count]
+                    sums[name] = sums.get(name, 0) + keys.T @ keys
+                    taken = keys.shape[0]
+                count, doc = count + taken, doc + len(texts)
+                bar.update(taken)
+                if time.monotonic() - last_save > checkpoint_seconds:
+                    _save(partial, {"key": partial_key, "next_doc": doc, "count": count, "sums": sums})
+                    last_save = time.monotonic()
+        finally:
+            bar.close()
+            for handle in handles:
+                handle.remove()
     if count < n_tokens:
         log.warning("corpus %s gave %d tokens, fewer than the %d requested", source.name, count, n_tokens)
     partial.unlink(missing_ok=True)

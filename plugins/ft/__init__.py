@@ -15,7 +15,7 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.plugins.rome.compute import frozen_parameters
+from lm_eval_xke.model_state import evaluating, frozen_parameters
 
 from .compute import build_edit_batch, clamp_around, edit_loss, make_optimizer, train
 from .config import EASYEDIT_PRESET, FAMILY_DEFAULTS, OPTIMIZERS, FtHyperParams
@@ -44,10 +44,8 @@ class FtEditor(Editor):
 
         batch = build_edit_batch(tokenizer, requests, originals[names[0]].device)
         eps = hp.norm_constraint
-        was_training = model.training
-        model.eval()  # no dropout: the fine-tuning is deterministic
         try:
-            with frozen_parameters(model):
+            with evaluating(model), frozen_parameters(model):  # no dropout: the fine-tuning is deterministic
                 for param in params.values():
                     param.requires_grad_(True)
                 result = train(
@@ -60,8 +58,6 @@ class FtEditor(Editor):
         except BaseException:
             restore()
             raise
-        finally:
-            model.train(was_training)
         with torch.no_grad():
             changes = {name: (params[name] - originals[name]).float() for name in names}
         info = {

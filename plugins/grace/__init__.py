@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, edited_module
 from lm_eval_xke.hidden_states import padding_id
+from lm_eval_xke.model_state import evaluating
 
 from .codebook import codebook_on
 from .compute import compute_key, edit_batch, initial_value, train_value
@@ -34,17 +35,14 @@ class GraceEditor(Editor):
         codebook = codebook_on(module)
         token = object()
         codebook.begin(token)
-        was_training = model.training
-        model.eval()  # no dropout while keys are read and values trained
         records: list[dict] = []
         try:
-            for request in requests:
-                records.append(self._write(model, tokenizer, module, codebook, request, hp))
+            with evaluating(model):  # no dropout while keys are read and values trained
+                for request in requests:
+                    records.append(self._write(model, tokenizer, module, codebook, request, hp))
         except BaseException:
             codebook.rollback(token)
             raise
-        finally:
-            model.train(was_training)
         info = {
             "method": self.name,
             "module": hp.module_name,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.model_state import frozen_parameters
 from lm_eval_xke.plugins.rome.compute import (
     ValueBatch,
-    frozen_parameters,
     reference_pass,
     self_checked,
     split_prompt_target,

@@ -13,8 +13,9 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas, edited_module
+from lm_eval_xke.model_state import evaluating, frozen_parameters
 
-from ..rome.compute import context_templates, frozen_parameters, split_prompt_target
+from ..rome.compute import context_templates, split_prompt_target
 from .compute import (
     AttributionPrompt,
     attribute,
@@ -42,11 +43,9 @@ class KnEditor(Editor):
         hp = self.check_hparams(model, hparams)
         layers = hp.layers or list(range(model.config.num_hidden_layers))
         modules = {layer: model.get_submodule(hp.module_template.format(layer)) for layer in layers}
-        was_training = model.training
-        model.eval()
         updates: dict[tuple[int, int], torch.Tensor] = {}
         records = []
-        try:
+        with evaluating(model):
             templates = (
                 context_templates(model, tokenizer, [hp.refine_template_length], hp.refine_templates, hp.template_seed)
                 if hp.refine
@@ -59,8 +58,6 @@ class KnEditor(Editor):
                     for key, change in update.items():
                         updates[key] = updates[key] + change if key in updates else change
                     records.append({**record, "seconds": time.perf_counter() - start})
-        finally:
-            model.train(was_training)
         info = {"method": self.name, "requests": records}
         return apply_weight_deltas(model, slot_deltas(modules, hp.module_template, updates), info=info)
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas
+from lm_eval_xke.model_state import evaluating, frozen_parameters
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss, make_optimizer, train
 from lm_eval_xke.plugins.ft.config import OPTIMIZERS
-from lm_eval_xke.plugins.rome.compute import frozen_parameters
 
 from .compute import adapter_deltas, attached_adapters, missing_targets, seeded
 from .config import FAMILY_DEFAULTS, LoraHyperParams
@@ -32,10 +32,9 @@ class LoraEditor(Editor):
         hp = self.check_hparams(model, hparams)
         device = next(model.parameters()).device
         batch = build_edit_batch(tokenizer, requests, device)
-        was_training = model.training
-        model.eval()  # no dropout anywhere: the training is deterministic given init_seed
-        try:
-            with frozen_parameters(model), seeded(hp.init_seed, device), attached_adapters(model, hp) as params:
+        # no dropout anywhere: the training is deterministic given init_seed
+        with evaluating(model), frozen_parameters(model), seeded(hp.init_seed, device):
+            with attached_adapters(model, hp) as params:
                 result = train(
                     lambda: edit_loss(model, batch, "target_new"),
                     make_optimizer(hp.optimizer, params, hp.lr, hp.weight_decay),
@@ -43,8 +42,6 @@ class LoraEditor(Editor):
                     hp.early_stop_loss,
                 )
                 deltas = adapter_deltas(model)
-        finally:
-            model.train(was_training)
         info = {
             "method": self.name,
             "steps": result.steps,

@@ -17,7 +17,8 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, EditorError, EditPlan, HyperParams, apply_weight_deltas
-from lm_eval_xke.plugins.rome import RomeEditor, evaluating, merge_deltas, restore_all
+from lm_eval_xke.model_state import evaluating
+from lm_eval_xke.plugins.rome import RomeEditor, merge_deltas, restore_all
 from lm_eval_xke.plugins.rome.compute import ValueSolution, _device, compute_values
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 

@@ -16,6 +16,7 @@ from torch import nn
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
 from lm_eval_xke.editors import edited_module as checked_module
+from lm_eval_xke.model_state import evaluating
 from lm_eval_xke.plugins.ft.compute import build_edit_batch, target_log_probs
 from lm_eval_xke.training import LoadedTrainables, Trainable, TrainRecord
 
@@ -159,12 +160,8 @@ class MendEditor(Editor):
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """One forward/backward on the requests, their gradient factors through the editor, one weight update."""
         trainable = self.trainable(model, tokenizer, hparams)
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             deltas = [WeightDelta(d.parameter, d.b.detach(), d.a.detach()) for d in trainable.deltas(requests)]
-        finally:
-            model.train(was_training)
         info = {"method": self.name, "modules": trainable.names, "rank": [d.rank for d in deltas]}
         return apply_weight_deltas(model, deltas, info)
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lm_eval_xke.model_state import frozen_parameters
 from lm_eval_xke.plugins.ft.compute import EditBatch, target_log_probs
-from lm_eval_xke.plugins.rome.compute import frozen_parameters, trace_module
+from lm_eval_xke.plugins.rome.compute import trace_module
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -6,9 +6,8 @@ checks the hyper-parameters, caches per-model work and applies the requests one 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from weakref import WeakKeyDictionary
 
 import torch
@@ -24,6 +23,7 @@ from lm_eval_xke.editors import (
     apply_weight_deltas,
     edited_module,
 )
+from lm_eval_xke.model_state import evaluating
 from lm_eval_xke.stats import CorpusError, key_statistics, parse_corpus
 
 from .compute import (
@@ -176,17 +176,6 @@ def merge_deltas(deltas: Sequence[WeightDelta]) -> list[WeightDelta]:
         WeightDelta(parameter=name, b=torch.cat([d.b for d in group], dim=1), a=torch.cat([d.a for d in group], dim=0))
         for name, group in grouped.items()
     ]
-
-
-@contextlib.contextmanager
-def evaluating(model) -> Iterator[None]:
-    """Eval mode (no dropout while keys and values are measured), the model's own mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def restore_all(applied: Sequence[AppliedEdit]) -> None:

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import WeightDelta
 from lm_eval_xke.hidden_states import padding_id, project_reads
+from lm_eval_xke.model_state import frozen_parameters
 from lm_eval_xke.stats import pad_right
 
 from .config import ValueHyperParams
@@ -101,19 +102,6 @@ def add_to_output(module: torch.nn.Module, positions: Sequence[int], delta: torc
         yield
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def frozen_parameters(model) -> Iterator[None]:
-    """Switch off gradients of every parameter (only the value delta is optimised); restore the flags after."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
 
 
 def _device(model) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, edited_module
 from lm_eval_xke.hidden_states import padding_id
+from lm_eval_xke.model_state import evaluating
 from lm_eval_xke.plugins.rome.compute import context_templates
 
 from .compute import build_edit_batch, merge_weights, module_inputs, random_mask, ties_merge
@@ -37,10 +38,8 @@ class WiseEditor(Editor):
         """Train the requests into the current shard (merging when due); the handle restores the memory before it."""
         hp = self.check_hparams(model, hparams)
         module = edited_module(model, hp.module_name, "WISE")
-        was_training = model.training
-        model.eval()  # no dropout while the side memory trains
         start = time.perf_counter()
-        try:
+        with evaluating(model):  # no dropout while the side memory trains
             rows = self.edit_rows(model, tokenizer, module, requests, hp)
             memory = memory_on(model, module)
             token = object()
@@ -55,8 +54,6 @@ class WiseEditor(Editor):
             except BaseException:
                 memory.abort(token)
                 raise
-        finally:
-            model.train(was_training)
         info = {
             "method": self.name,
             "module": hp.module_name,

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lm_eval_xke.model_state import frozen_parameters
 from lm_eval_xke.plugins.grace.compute import target_nll
-from lm_eval_xke.plugins.rome.compute import ValueBatch, frozen_parameters, paths_agree, trace_module
+from lm_eval_xke.plugins.rome.compute import ValueBatch, paths_agree, trace_module
 
 from .compute import (
     EARLY_STOP_CHANGE,
