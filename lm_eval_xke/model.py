@@ -167,10 +167,7 @@ class XKELM(LM):
             raise EditorError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         editor_cls = get_editor(editor)
         if edit_mode == "batch" and not editor_cls.supports_batch:
-            raise EditorError(
-                f"editor '{editor}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. "
-                "Use edit_mode=single or edit_mode=sequential."
-            )
+            raise _no_batch(editor_cls, "edit_mode=single or edit_mode=sequential")
         edit_batch_size = _int_arg("edit_batch_size", edit_batch_size, minimum=1)
         seed = _int_arg("seed", seed, minimum=0)
         edit_parallel = _check_edit_parallel(edit_parallel, edit_mode, editor_cls)
@@ -409,6 +406,7 @@ class XKELM(LM):
                 )
             if outcome.edit is not None:
                 self._held.append(outcome.edit)
+        failed = sum(w.key in self._run.failures for w in works)
         self._edit_set = {
             "task": spec.task,
             "count": spec.count,
@@ -419,8 +417,8 @@ class XKELM(LM):
             "data": data_sources(cases),
             "cases_sha256": digest([case.to_doc() for case in cases]),
             "n_edits": len(works),
-            "n_held": len(works) - sum(w.key in self._run.failures for w in works),
-            "n_failed": sum(w.key in self._run.failures for w in works),
+            "n_held": len(works) - failed,
+            "n_failed": failed,
             "seconds": round(sum(self._run.edit_seconds), 3),
             "weights_edited": edited_fingerprint(model, self._held),
         }
@@ -858,11 +856,14 @@ def _check_edit_set(
     if mode not in EDIT_SET_MODE_SEMANTICS:
         raise EditorError(f"edit_set_mode must be one of {', '.join(EDIT_SET_MODE_SEMANTICS)}, got {mode!r}")
     if mode == "batch" and not editor_cls.supports_batch:
-        raise EditorError(
-            f"editor '{editor_cls.name}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. "
-            "Use edit_set_mode=sequential."
-        )
+        raise _no_batch(editor_cls, "edit_set_mode=sequential")
     return spec, mode
+
+
+def _no_batch(editor_cls: type[Editor], instead: str) -> EditorError:
+    return EditorError(
+        f"editor '{editor_cls.name}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. Use {instead}."
+    )
 
 
 def _check_edit_parallel(value: Any, edit_mode: str, editor_cls: type[Editor]) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import AppliedEdit, Editor, HyperParams, WeightDelta, apply_weight_deltas
+from lm_eval_xke.model_state import frozen_parameters
 
 
 @dataclass
@@ -68,7 +69,7 @@ def train_update(model, module, examples, hp: DownProjFineTuneHyperParams) -> tu
     bound = hp.max_norm_ratio * weight.norm()
     optimizer = torch.optim.Adam([b, a], lr=hp.lr)
     loss_value = float("nan")
-    with frozen(model), torch.enable_grad(), added_output(module, b, a):
+    with frozen_parameters(model), torch.enable_grad(), added_output(module, b, a):
         for _ in range(hp.steps):
             optimizer.zero_grad()
             loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in examples) / len(examples)
@@ -82,18 +83,6 @@ def train_update(model, module, examples, hp: DownProjFineTuneHyperParams) -> tu
                 if norm > bound:
                     b.mul_(bound / norm)
     return b.detach(), a.detach(), loss_value
-
-
-@contextmanager
-def frozen(model):
-    """Model parameters take no gradient inside the block."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
 
 
 @contextmanager
