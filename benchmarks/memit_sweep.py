@@ -23,10 +23,10 @@ import time
 import torch
 from rome_smollm2 import ROLES, bizsre_instances, case_results, data_dir
 
+from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editors import register_editor
-from lm_eval_xke.model_state import evaluating
 from lm_eval_xke.plugins.memit import MemitEditor
-from lm_eval_xke.plugins.rome.compute import compute_values
+from lm_eval_xke.plugins.rome.compute_v import compute_values
 
 SWEEP_EDITOR = "memit_sweep"
 

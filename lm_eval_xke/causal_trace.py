@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lm_eval_xke.editing.hidden_states import decoder_blocks
 from lm_eval_xke.editors import AtDepth, EditorError
-from lm_eval_xke.hidden_states import decoder_blocks
 
 #: the paper's MLP restoration window: 10 of GPT-2 XL's 48 blocks
 WINDOW = AtDepth(10, of=48)

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lm_eval_xke.model_state import evaluating
+from lm_eval_xke.editing.model_state import evaluating
+from lm_eval_xke.editing.tokens import pad_right
 
 log = logging.getLogger("lm_eval.models.xke.stats")
 
@@ -366,18 +367,6 @@ def tally(
         total = sums.get(name, torch.zeros(width, width, dtype=acc_dtype))
         out[name] = ((total / max(count, 1)).float().cpu(), count)
     return out
-
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as a right-padded batch and its attention mask (positions stay 0..n-1 for every row)."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
-
 
 # ---------------------------------------------------------------- files
 

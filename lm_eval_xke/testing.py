@@ -125,7 +125,7 @@ def teacher_forced_argmax(model, tokenizer, requests) -> list[bool]:
     """Per ``EditRequest``: whether the argmax at every target position is the target token (the evaluation's EM)."""
     import torch
 
-    from lm_eval_xke.plugins.ft.compute import build_edit_batch
+    from lm_eval_xke.editing.teacher_forcing import build_edit_batch
 
     batch = build_edit_batch(tokenizer, requests, next(model.parameters()).device)
     with torch.no_grad():

@@ -504,3 +504,33 @@ def _train_command(args) -> int:
         f"peak memory {result['peak_memory_mb']} MB; use editor={args.editor},editor_checkpoint={out}"
     )
     return 0
+
+
+class RunningNorm(torch.nn.Module):
+    """Per-dimension running mean and standard deviation (Welford); MEND normalises ``u`` and ``delta`` with it.
+
+    Updated on every training batch and frozen at edit time, as in the paper's code.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        n = x.shape[0]
+        batch_mean = x.mean(0)
+        total = self.count + n
+        shift = batch_mean - self.mean
+        self.m2 += ((x - batch_mean) ** 2).sum(0) + shift**2 * self.count * n / total
+        self.mean += shift * n / total
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count < 2:
+            return x
+        std = (self.m2 / (self.count - 1)).sqrt().float()
+        return (x - self.mean.float()) / (std + 1e-7)

@@ -10,7 +10,7 @@ from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.rome import RomeEditor
-from lm_eval_xke.plugins.rome.compute import compute_v, compute_values
+from lm_eval_xke.plugins.rome.compute_v import compute_v, compute_values
 from lm_eval_xke.testing import capital_city_case, loglikelihood_requests, parameter_hashes
 
 # few templates, no decay and a loose clamp (a random model's values are tiny); an early stop that some requests

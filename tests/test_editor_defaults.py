@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from lm_eval_xke.editing import templates
 from lm_eval_xke.editors import AtDepth, EditorError, available_editors, get_editor
 from lm_eval_xke.model import XKELM
-from lm_eval_xke.plugins.rome import compute
 from lm_eval_xke.testing import MODEL_SHAPES, load_tiny, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,13 +129,13 @@ def test_easyedit_context_prefixes_count_every_token_and_are_normalised(tiny_lla
         asked.append((start, length))
         return [f"{start} ﬁ\n\nx"] * count
 
-    monkeypatch.setattr(compute, "sample_continuations", sample)
-    ours = compute.generate_context_templates(model, tokenizer, [5], 5, 0)
-    assert asked == [(word, 5) for word in compute.START_WORDS] and ours[1] == "The ﬁ\n\nx. {}"
+    monkeypatch.setattr(templates, "sample_continuations", sample)
+    ours = templates.generate_context_templates(model, tokenizer, [5], 5, 0)
+    assert asked == [(word, 5) for word in templates.START_WORDS] and ours[1] == "The ﬁ\n\nx. {}"
     asked.clear()
-    easyedit = compute.generate_context_templates(model, tokenizer, [5], 5, 0, total_length=True, normalise=True)
+    easyedit = templates.generate_context_templates(model, tokenizer, [5], 5, 0, total_length=True, normalise=True)
     # the byte-level tokenizer: <s> plus one token per byte
-    assert asked == [(word, max(0, 5 - 1 - len(word.encode()))) for word in compute.START_WORDS]
+    assert asked == [(word, max(0, 5 - 1 - len(word.encode()))) for word in templates.START_WORDS]
     assert asked[1] == ("Therefore", 0) and easyedit[1] == "The fi x. {}"
 
 

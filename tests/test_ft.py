@@ -11,10 +11,11 @@ import torch
 from lm_eval import simple_evaluate
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.teacher_forcing import build_edit_batch
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.ft import FtLEditor, FtMEditor
-from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss
+from lm_eval_xke.plugins.ft.compute import edit_loss
 from lm_eval_xke.testing import load_tiny, parameter_hashes, teacher_forced_argmax
 
 TINY = {"lr": 0.02, "norm_constraint": 0.05, "num_steps": 15}

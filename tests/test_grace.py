@@ -13,10 +13,10 @@ import torch
 from lm_eval import simple_evaluate
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.tokens import split_prompt_target
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.grace import GraceEditor, GraceHyperParams
 from lm_eval_xke.plugins.grace.codebook import codebook_on, has_codebook
-from lm_eval_xke.plugins.rome.compute import split_prompt_target
 from lm_eval_xke.testing import load_tiny
 
 # A random tiny model's module inputs are small (norm ~0.1), so the radius is scaled down with them.

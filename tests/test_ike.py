@@ -16,10 +16,11 @@ from lm_eval import simple_evaluate
 
 from lm_eval_xke.backends.hf import HFBackend
 from lm_eval_xke.cases import EditCase, EditRequest, Question
+from lm_eval_xke.editing.in_context import ChatLayout, chat_layout, insert_context
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.plugins.ike import IkeEditor
-from lm_eval_xke.plugins.ike.compute import ChatLayout, chat_layout, demo_kinds, insert_context
+from lm_eval_xke.plugins.ike.compute import demo_kinds
 from lm_eval_xke.plugins.ike.pool import DemoPool, default_entries
 from lm_eval_xke.testing import CHAT_TEMPLATE, byte_level_tokenizer, loglikelihood_requests
 

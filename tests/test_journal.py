@@ -243,8 +243,8 @@ def test_code_identity_covers_borrowed_modules_and_the_version(tmp_path, monkeyp
 
     memit = type(get_editor("memit"))
     before = model_module._code_digest(memit)
-    borrowed = sys.modules["lm_eval_xke.plugins.rome.compute"]
-    changed = tmp_path / "compute.py"
+    borrowed = sys.modules["lm_eval_xke.plugins.rome.compute_v"]
+    changed = tmp_path / "compute_v.py"
     changed.write_text(Path(borrowed.__file__).read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
     monkeypatch.setattr(borrowed, "__file__", str(changed))
     assert model_module._code_digest(memit) != before

@@ -7,6 +7,8 @@ import torch
 from lm_eval import simple_evaluate
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.templates import context_templates
+from lm_eval_xke.editing.tokens import split_prompt_target
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.plugins.kn import KnEditor, KnHyperParams
 from lm_eval_xke.plugins.kn.compute import (
@@ -17,7 +19,6 @@ from lm_eval_xke.plugins.kn.compute import (
     refine_neurons,
     value_slot,
 )
-from lm_eval_xke.plugins.rome.compute import context_templates, split_prompt_target
 from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 EN = EditRequest("The capital of France", "France", "Rome", "en")

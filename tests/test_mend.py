@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.teacher_forcing import build_edit_batch, target_log_probs
 from lm_eval_xke.editors import EditorError
-from lm_eval_xke.plugins.ft.compute import build_edit_batch, target_log_probs
 from lm_eval_xke.plugins.mend import MendEditor, MendTrainable, MendTrainHyperParams
 from lm_eval_xke.plugins.mend.compute import gradient_factors, per_request_nll
 from lm_eval_xke.testing import load_tiny, parameter_hashes, save_tiny_model, train_tiny_editor

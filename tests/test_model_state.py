@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lm_eval_xke.model_state import evaluating, frozen_parameters
+from lm_eval_xke.editing.model_state import evaluating, frozen_parameters
 
 
 def model() -> nn.Module:

@@ -14,25 +14,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lm_eval_xke import stats
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing import rewriting
+from lm_eval_xke.editing.hooks import trace_module
+from lm_eval_xke.editing.rewriting import ValueBatch, cached_forward, full_forward, reference_pass
+from lm_eval_xke.editing.templates import context_templates, generate_context_templates
+from lm_eval_xke.editing.tokens import fact_token_index, split_prompt_target
 from lm_eval_xke.editors import EditorError, apply_weight_deltas
 from lm_eval_xke.plugins.none import NoEditor
-from lm_eval_xke.plugins.rome import RomeEditor, RomeHyperParams, compute
-from lm_eval_xke.plugins.rome.compute import (
-    ValueBatch,
-    build_value_batch,
-    cached_forward,
-    compute_k,
-    compute_right,
-    compute_u,
-    compute_v,
-    converged,
-    fact_token_index,
-    full_forward,
-    rank_one_delta,
-    reference_pass,
-    split_prompt_target,
-    trace_module,
-)
+from lm_eval_xke.plugins.rome import RomeEditor, RomeHyperParams
+from lm_eval_xke.plugins.rome import compute_v as value_step
+from lm_eval_xke.plugins.rome.compute import compute_k, compute_right, compute_u, rank_one_delta
+from lm_eval_xke.plugins.rome.compute_v import build_value_batch, compute_v, converged
 from lm_eval_xke.testing import load_tiny, parameter_hashes
 
 # Small template set and no weight decay: a random model's values are tiny (||v_init|| ~ 0.02), so the
@@ -107,13 +99,13 @@ def test_context_templates_are_seeded_cached_and_leave_the_global_rng_alone(tiny
     hp = hparams("llama")
     settings = (hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed)
     rng = torch.random.get_rng_state()
-    templates = compute.context_templates(model, tokenizer, *settings)
+    templates = context_templates(model, tokenizer, *settings)
     assert torch.equal(rng, torch.random.get_rng_state())
     assert templates[0] == "{}" and len(templates) == 1 + 5
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in templates[1:])
-    assert compute.context_templates(model, tokenizer, *settings) is templates  # cached per model and settings
-    assert compute.generate_context_templates(model, tokenizer, *settings) == templates  # seeded: reproducible
-    assert compute.context_templates(model, tokenizer, *settings[:2], 1) != templates
+    assert context_templates(model, tokenizer, *settings) is templates  # cached per model and settings
+    assert generate_context_templates(model, tokenizer, *settings) == templates  # seeded: reproducible
+    assert context_templates(model, tokenizer, *settings[:2], 1) != templates
 
 
 # ---------------------------------------------------------------- the edit
@@ -142,7 +134,7 @@ def test_rank_one_update_writes_v_star_at_the_subject_key(arch, request):
     model, tokenizer = load_tiny(request.getfixturevalue(f"tiny_{arch}_dir"))
     hp = hparams(arch)
     module = model.get_submodule(hp.module_name)
-    templates = compute.context_templates(
+    templates = context_templates(
         model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
     )
     u = compute_u(compute_k(model, tokenizer, module, EN, templates, hp.fact_token))
@@ -241,7 +233,7 @@ def value_setup(path, arch: str, request: EditRequest):
     model, tokenizer = load_tiny(path)
     hp = hparams(arch)
     module = model.get_submodule(hp.module_name)
-    templates = compute.context_templates(
+    templates = context_templates(
         model, tokenizer, hp.context_template_lengths, hp.context_templates_per_length, hp.template_seed
     )
     batch = build_value_batch(tokenizer, request, templates, hp.fact_token, "cpu")
@@ -297,15 +289,18 @@ def test_value_optimisation_falls_back_to_the_full_forward_when_the_cache_disagr
 ):
     """The run-time check at the first step: a disagreeing cached path is logged and replaced, never used."""
     model, tokenizer, module, templates, _, hp = value_setup(tiny_llama_dir, "llama", EN)
-    monkeypatch.setattr(compute, "cached_forward", lambda *args: compute.full_forward(*args[:4]))
+    # the first step's path (rewriting.value_forward) and the later steps' (compute_v's subsets)
+    for where in (rewriting, value_step):
+        monkeypatch.setattr(where, "cached_forward", lambda *args: full_forward(*args[:4]))
     expected = compute_v(model, tokenizer, module, EN, templates, hp)
 
     def broken(*args):
         run = full_forward(*args[:4])
         return lambda delta: run(delta) + 0.01  # e.g. a cache that lost a token
 
-    monkeypatch.setattr(compute, "cached_forward", broken)
-    with caplog.at_level("WARNING", logger="lm_eval.models.xke.rome"):
+    for where in (rewriting, value_step):
+        monkeypatch.setattr(where, "cached_forward", broken)
+    with caplog.at_level("WARNING", logger="lm_eval.models.xke.editing"):
         solution = compute_v(model, tokenizer, module, EN, templates, hp)
     assert "disagrees with the full forward" in caplog.text
     assert torch.allclose(solution.v_star, expected.v_star, atol=1e-6) and solution.steps == expected.steps
@@ -322,7 +317,7 @@ def test_sliding_window_shorter_than_the_rows_uses_the_full_forward(tiny_qwen2_d
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
     nll_before = target_nll(model, tokenizer, EN)
-    with caplog.at_level("WARNING", logger="lm_eval.models.xke.rome"):
+    with caplog.at_level("WARNING", logger="lm_eval.models.xke.editing"):
         RomeEditor().apply(model, tokenizer, [EN], hparams("qwen2"))
     assert "cannot be reused" in caplog.text
     assert target_nll(model, tokenizer, EN) < nll_before

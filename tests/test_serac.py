@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.hidden_states import decoder_blocks, mean_pooled
 from lm_eval_xke.editors import EditorError
-from lm_eval_xke.hidden_states import decoder_blocks, mean_pooled
 from lm_eval_xke.plugins.serac import ScopeClassifier, SeracEditor, SeracTrainHyperParams
 from lm_eval_xke.testing import load_tiny, parameter_hashes, train_tiny_editor
 from lm_eval_xke.training import TrainRecord, load_artefact

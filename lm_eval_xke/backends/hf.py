@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_xke.hidden_states import project_reads
+from lm_eval_xke.editing.hidden_states import project_reads
 from lm_eval_xke.responses import readout_response
 
 # Sequences per forward pass of the read-out; bounds memory when many cases are read out together.

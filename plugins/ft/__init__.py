@@ -14,10 +14,11 @@ from typing import ClassVar
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.model_state import evaluating, frozen_parameters
+from lm_eval_xke.editing.teacher_forcing import build_edit_batch
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.model_state import evaluating, frozen_parameters
 
-from .compute import build_edit_batch, clamp_around, edit_loss, make_optimizer, train
+from .compute import clamp_around, edit_loss, make_optimizer, train
 from .config import EASYEDIT_PRESET, FAMILY_DEFAULTS, OPTIMIZERS, FtHyperParams
 
 

@@ -10,9 +10,9 @@ import time
 from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.hidden_states import padding_id
+from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, edited_module
-from lm_eval_xke.hidden_states import padding_id
-from lm_eval_xke.model_state import evaluating
 
 from .codebook import codebook_on
 from .compute import compute_key, edit_batch, initial_value, train_value

@@ -13,15 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.model_state import frozen_parameters
-from lm_eval_xke.plugins.rome.compute import (
-    ValueBatch,
-    reference_pass,
-    self_checked,
-    split_prompt_target,
-    trace_module,
-    value_forward,
-)
+from lm_eval_xke.editing.hooks import trace_module
+from lm_eval_xke.editing.model_state import frozen_parameters
+from lm_eval_xke.editing.rewriting import ValueBatch, reference_pass, self_checked, target_nll, value_forward
+from lm_eval_xke.editing.tokens import split_prompt_target
 
 from .codebook import Entry
 from .config import GraceHyperParams
@@ -99,9 +94,3 @@ def train_value(model, module, batch: ValueBatch, entry: Entry, pad_id: int, hp:
         nll=nll.item(),
         first_token_right=bool(log_probs[0].argmax() == batch.t_ids[0]),
     )
-
-
-def target_nll(log_probs: torch.Tensor, batch: ValueBatch) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens (the model's loss on the labels, as GRACE trains it)."""
-    reads = torch.arange(len(batch.t_ids), device=batch.t_ids.device)
-    return -(log_probs[reads, batch.t_ids] * batch.t_weight).sum()

@@ -2,7 +2,7 @@
 demonstrations are put in the prompt; no weight changes.
 
 ``pool.py`` reads the demonstration pool and retrieves from it; ``compute.py`` builds the demonstrations and the
-context, and places it in chat-rendered prompts. The edits in force are kept in ``lm_eval_xke.in_force``.
+context, and places it in chat-rendered prompts. The edits in force are kept in ``lm_eval_xke.editing.in_force``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import logging
 from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.in_context import chat_layout, insert_context
+from lm_eval_xke.editing.in_force import EditsInForce
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.in_force import EditsInForce
 
-from .compute import chat_layout, ike_context, insert_context, retrieve_demonstrations
+from .compute import ike_context, retrieve_demonstrations
 from .config import IkeHyperParams
 from .pool import DemoPool, default_entries, load_pool, parse_entry
 

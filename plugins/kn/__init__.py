@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.model_state import evaluating, frozen_parameters
+from lm_eval_xke.editing.templates import context_templates
+from lm_eval_xke.editing.tokens import split_prompt_target
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas, edited_module
-from lm_eval_xke.model_state import evaluating, frozen_parameters
 
-from ..rome.compute import context_templates, split_prompt_target
 from .compute import (
     AttributionPrompt,
     attribute,

@@ -18,9 +18,9 @@ from typing import NamedTuple
 import torch
 from transformers import DynamicCache
 
+from lm_eval_xke.editing.hooks import device_of, trace_module
+from lm_eval_xke.editing.rewriting import paths_agree, prefix_cache
 from lm_eval_xke.editors import WeightDelta
-
-from ..rome.compute import paths_agree, prefix_cache, trace_module
 
 log = logging.getLogger("lm_eval.models.xke.kn")
 
@@ -54,17 +54,13 @@ class Baseline:
     prefix: list[tuple] | None  # KV cache of the tokens before ``position``; None where it cannot be reused
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ---------------------------------------------------------------- the answer and the unedited model
 
 
 @torch.no_grad()
 def predicted_token(model, prompt_ids: Sequence[int]) -> int:
     """The token the model predicts after the prompt: the first token of the answer it gives now."""
-    logits = model(input_ids=torch.tensor([list(prompt_ids)], device=_device(model)), logits_to_keep=1).logits
+    logits = model(input_ids=torch.tensor([list(prompt_ids)], device=device_of(model)), logits_to_keep=1).logits
     return int(logits[0, -1].argmax())
 
 
@@ -79,7 +75,7 @@ def answer_log_prob(logits: torch.Tensor, answer: Sequence[int]) -> torch.Tensor
 def baseline_pass(model, modules: Sequence[torch.nn.Module], prompt: AttributionPrompt) -> Baseline:
     """One forward of the unedited model: the neurons of every searched layer, the answer's probability, the
     predicted token and the KV cache of the tokens before the last prompt token."""
-    ids = torch.tensor([prompt.ids], device=_device(model))
+    ids = torch.tensor([prompt.ids], device=device_of(model))
     with contextlib.ExitStack() as stack:
         records = [stack.enter_context(trace_module(m)) for m in modules]
         out = model(input_ids=ids, use_cache=prompt.position > 0)
@@ -147,7 +143,7 @@ def answer_probability(
     ones before it (the replacement cannot change them); else the whole sequence.
     """
     start = prompt.position if cached else 0
-    device = _device(model)
+    device = device_of(model)
     ids = torch.tensor([prompt.ids[start:]], device=device)
     position_ids = torch.arange(start, len(prompt.ids), device=device)[None]
 

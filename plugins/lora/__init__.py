@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.model_state import evaluating, frozen_parameters
+from lm_eval_xke.editing.teacher_forcing import build_edit_batch
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, apply_weight_deltas
-from lm_eval_xke.model_state import evaluating, frozen_parameters
-from lm_eval_xke.plugins.ft.compute import build_edit_batch, edit_loss, make_optimizer, train
+from lm_eval_xke.plugins.ft.compute import edit_loss, make_optimizer, train
 from lm_eval_xke.plugins.ft.config import OPTIMIZERS
 
 from .compute import adapter_deltas, attached_adapters, missing_targets, seeded

@@ -16,10 +16,11 @@ from weakref import WeakKeyDictionary
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.hooks import device_of
+from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editors import AppliedEdit, EditorError, EditPlan, HyperParams, apply_weight_deltas
-from lm_eval_xke.model_state import evaluating
 from lm_eval_xke.plugins.rome import RomeEditor, merge_deltas, restore_all
-from lm_eval_xke.plugins.rome.compute import ValueSolution, _device, compute_values
+from lm_eval_xke.plugins.rome.compute_v import ValueSolution, compute_values
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 
 from .compute import compute_ks, layer_delta, least_squares_update, residual_at_fact, spread_residual
@@ -85,7 +86,7 @@ class MemitEditor(RomeEditor):
                 block = model.get_submodule(hp.layer_module_template.format(hp.layers[-1]))
                 # z: the residual the last layer must reach; its current value plus the optimised change
                 wanted = torch.stack([s.v_star - s.out_plain for s in solutions])
-                z = residual_at_fact(model, tokenizer, block, requests, hp.fact_token) + wanted.to(_device(model))
+                z = residual_at_fact(model, tokenizer, block, requests, hp.fact_token) + wanted.to(device_of(model))
                 layers = []
                 for i, name in enumerate(hp.module_names()):
                     module = model.get_submodule(name)

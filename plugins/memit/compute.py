@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.hidden_states import padding_id
+from lm_eval_xke.editing.hooks import device_of, trace_module
+from lm_eval_xke.editing.tokens import fact_token_index, pad_right
 from lm_eval_xke.editors import WeightDelta
-from lm_eval_xke.hidden_states import padding_id
-from lm_eval_xke.plugins.rome.compute import _device, fact_token_index, trace_module
-from lm_eval_xke.stats import pad_right
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def compute_ks(
         for template in templates:
             texts.append(template.format(request.prompt))
             positions.append(fact_token_index(tokenizer, template, request.prompt, request.subject, fact_token))
-    input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], padding_id(tokenizer), _device(model))
+    input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], padding_id(tokenizer), device_of(model))
     with trace_module(module) as record:
         model(input_ids=input_ids, attention_mask=mask)
     inputs = record["input"]
@@ -59,7 +59,7 @@ def residual_at_fact(model, tokenizer, block, requests: Sequence[EditRequest], f
     """``h_L``: the block's output (the residual stream) at each bare prompt's fact token, ``[n, d_model]``."""
     positions = [fact_token_index(tokenizer, "{}", r.prompt, r.subject, fact_token) for r in requests]
     encoded = [tokenizer(r.prompt)["input_ids"] for r in requests]
-    input_ids, mask = pad_right(encoded, padding_id(tokenizer), _device(model))
+    input_ids, mask = pad_right(encoded, padding_id(tokenizer), device_of(model))
     with trace_module(block) as record:
         model(input_ids=input_ids, attention_mask=mask)
     hidden = record["output"][0] if isinstance(record["output"], tuple) else record["output"]

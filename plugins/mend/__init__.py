@@ -14,15 +14,14 @@ import torch
 from torch import nn
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.model_state import evaluating
+from lm_eval_xke.editing.teacher_forcing import build_edit_batch, target_log_probs
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
 from lm_eval_xke.editors import edited_module as checked_module
-from lm_eval_xke.model_state import evaluating
-from lm_eval_xke.plugins.ft.compute import build_edit_batch, target_log_probs
-from lm_eval_xke.training import LoadedTrainables, Trainable, TrainRecord
+from lm_eval_xke.training import LoadedTrainables, RunningNorm, Trainable, TrainRecord
 
 from .compute import (
     GradientTransform,
-    RunningNorm,
     WithWeights,
     gradient_factors,
     is_conv1d,

@@ -2,7 +2,7 @@
 2406.17764): BMIKE-53's fixed, typed manual demonstrations and the new fact are put in the prompt; no weight changes.
 
 An IKE-family method: it reuses IKE's chat-template placement, and keeps its edits in force as every prompt
-editor does (``lm_eval_xke.in_force``). ``compute`` reads the demonstrations and builds the context.
+editor does (``lm_eval_xke.editing.in_force``). ``compute`` reads the demonstrations and builds the context.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lm_eval_xke.cases import EditRequest, Question
+from lm_eval_xke.editing.in_context import chat_layout, insert_context
+from lm_eval_xke.editing.in_force import EditsInForce
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.in_force import EditsInForce
 from lm_eval_xke.parallel_data import BMIKE53_LANGS
-from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
 
 from .compute import DATASET_FILES, FILE_LANG, TYPES, Demo, available, load_demos, mike_context, select_demos
 from .config import QUESTION_LANG, MikeHyperParams

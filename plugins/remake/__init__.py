@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest, Question
+from lm_eval_xke.editing.in_context import chat_layout
+from lm_eval_xke.editing.in_force import EditsInForce
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.in_force import EditsInForce
-from lm_eval_xke.plugins.ike.compute import chat_layout
 from lm_eval_xke.plugins.ike.pool import DemoPool, load_pool
 
 from .compute import ask_in_context, pool_entries, remake_context, retrieve_demonstrations

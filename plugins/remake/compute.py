@@ -15,9 +15,9 @@ from pathlib import Path
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.data import DataFile, DataNotFoundError, locate
 from lm_eval_xke.data_pins import REMAKE_POOL_SHA256
+from lm_eval_xke.editing.in_context import ChatLayout, insert_context
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.parallel_data import MZSRE_REPO_CODES
-from lm_eval_xke.plugins.ike.compute import ChatLayout, insert_context
 from lm_eval_xke.plugins.ike.pool import DemoPool, PoolFact
 
 POOL_URL = "https://raw.githubusercontent.com/weixuan-wang123/ReMaKE/975a9e9069/data/"

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lm_eval_xke.editing.hidden_states import padding_id
+from lm_eval_xke.editing.tokens import pad_right
 from lm_eval_xke.editors import EditorError
-from lm_eval_xke.hidden_states import padding_id
 from lm_eval_xke.plugins.ike.pool import DemoPool
-from lm_eval_xke.stats import pad_right
 
 ST_PREFIX = "sentence-transformers:"
 ENCODE_BATCH = 16

@@ -1,7 +1,7 @@
 """ROME, Rank-One Model Editing (Meng et al. 2022, arXiv 2202.05262): one rank-one update of one MLP per fact.
 
-The math lives in ``compute.py`` (``compute_k``, ``compute_u``, ``compute_v``, ``compute_right``); this module
-checks the hyper-parameters, caches per-model work and applies the requests one after another.
+The math lives in ``compute.py`` (``compute_k``, ``compute_u``, ``compute_right``) and ``compute_v.py`` (the value
+step); this module checks the hyper-parameters, caches per-model work and applies the requests one after another.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from weakref import WeakKeyDictionary
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.model_state import evaluating
+from lm_eval_xke.editing.templates import context_templates, generate_context_templates
 from lm_eval_xke.editors import (
     AppliedEdit,
     Editor,
@@ -23,20 +25,13 @@ from lm_eval_xke.editors import (
     apply_weight_deltas,
     edited_module,
 )
-from lm_eval_xke.model_state import evaluating
 from lm_eval_xke.stats import CorpusError, key_statistics, parse_corpus
 
-from .compute import (
-    ValueSolution,
-    compute_right,
-    compute_u,
-    compute_v,
-    compute_values,
-    context_templates,
-    generate_context_templates,
-    inverse_second_moment,
-    rank_one_delta,
-)
+from .compute import compute_right, compute_u, inverse_second_moment, rank_one_delta
+from .compute_v import ValueSolution, compute_values
+
+# bound under another name: ``compute_v`` here would hide the submodule of that name (``rome.compute_v``)
+from .compute_v import compute_v as compute_value
 from .config import EASYEDIT_VALUE_PRESET, FAMILY_DEFAULTS, RomeHyperParams, ValueHyperParams
 
 
@@ -67,7 +62,7 @@ class RomeEditor(Editor):
                 for request in requests:
                     started = time.perf_counter()
                     # compute_v's reference pass also yields the key (compute_k's average), saving a forward pass
-                    solution = compute_v(model, tokenizer, module, request, templates, hp)
+                    solution = compute_value(model, tokenizer, module, request, templates, hp)
                     written.append(self.write(model, module, request, solution, inv_mom2, hp, started))
         except BaseException:
             restore_all([edit for edit, _ in written])

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.hidden_states import decoder_blocks, mean_pooled
+from lm_eval_xke.editing.in_context import chat_layout, insert_context
+from lm_eval_xke.editing.in_force import EditsInForce
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams
-from lm_eval_xke.hidden_states import decoder_blocks, mean_pooled
-from lm_eval_xke.in_force import EditsInForce
-from lm_eval_xke.plugins.ike.compute import chat_layout, insert_context
 from lm_eval_xke.training import LoadedTrainables, Trainable, TrainRecord
 
 from .compute import ScopeHead, balanced_bce

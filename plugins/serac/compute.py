@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_eval_xke.plugins.mend.compute import RunningNorm
+from lm_eval_xke.training import RunningNorm
 
 
 class ScopeHead(nn.Module):

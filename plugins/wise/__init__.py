@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.hidden_states import padding_id
+from lm_eval_xke.editing.model_state import evaluating
+from lm_eval_xke.editing.templates import context_templates
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, edited_module
-from lm_eval_xke.hidden_states import padding_id
-from lm_eval_xke.model_state import evaluating
-from lm_eval_xke.plugins.rome.compute import context_templates
 
 from .compute import build_edit_batch, merge_weights, module_inputs, random_mask, ties_merge
 from .config import FAMILY_DEFAULTS, WiseHyperParams

@@ -15,12 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.plugins.rome.compute import (
-    ValueBatch,
-    split_prompt_target,
-    trace_module,
-)
-from lm_eval_xke.stats import pad_right
+from lm_eval_xke.editing.hooks import trace_module
+from lm_eval_xke.editing.rewriting import ValueBatch
+from lm_eval_xke.editing.tokens import pad_right, split_prompt_target
 
 from .config import WiseHyperParams
 

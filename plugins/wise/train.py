@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lm_eval_xke.model_state import frozen_parameters
-from lm_eval_xke.plugins.grace.compute import target_nll
-from lm_eval_xke.plugins.rome.compute import ValueBatch, paths_agree, trace_module
+from lm_eval_xke.editing.hooks import trace_module
+from lm_eval_xke.editing.model_state import frozen_parameters
+from lm_eval_xke.editing.rewriting import ValueBatch, paths_agree, target_nll
 
 from .compute import (
     EARLY_STOP_CHANGE,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lm_eval_xke.cases import EditRequest
+from lm_eval_xke.editing.model_state import frozen_parameters
 from lm_eval_xke.editors import AppliedEdit, Editor, HyperParams, WeightDelta, apply_weight_deltas
-from lm_eval_xke.model_state import frozen_parameters
 
 
 @dataclass

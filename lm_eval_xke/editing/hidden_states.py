@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lm_eval_xke.stats import pad_right
+from lm_eval_xke.editing.tokens import pad_right
 
 
 def padding_id(tokenizer) -> int:
