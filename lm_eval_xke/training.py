@@ -32,7 +32,7 @@ from weakref import WeakKeyDictionary
 import torch
 from tqdm import tqdm
 
-from lm_eval_xke.editors import EditorError, HyperParams, build_hparams, get_editor
+from lm_eval_xke.editors import EditorError, HyperParams, available_editors, build_hparams, get_editor
 from lm_eval_xke.stats import weights_fingerprint
 
 FORMAT_VERSION = 1
@@ -43,7 +43,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_DATA = {"en": "train/zsre_mend_train_en_10000.json", "zh": "train/zsre_mend_train_zh_10000.txt"}
 LANG_MIXTURES = ("en", "zh", "en+zh")
 #: Editors that ``lm-eval-xke train`` offers (each implements ``TrainableEditor``).
-TRAINABLE_EDITORS = ("mend", "serac")
 #: Training options that may differ when a run is resumed (the others must match its checkpoint).
 RESUME_MAY_CHANGE = ("steps", "val_every", "checkpoint_every")
 
@@ -233,10 +232,20 @@ class TrainableEditor(Protocol):
     def make_trainable(cls, model, tokenizer, hp: TrainHyperParams) -> Trainable: ...
 
 
+def is_trainable(cls: type) -> bool:
+    """Whether an editor class declares a training step (``TrainableEditor``)."""
+    return hasattr(cls, "train_hparams_class") and hasattr(cls, "make_trainable")
+
+
+def trainable_editors() -> list[str]:
+    """The registered editors that declare a training step, third-party ones included (loads every editor class)."""
+    return [name for name in available_editors() if is_trainable(get_editor(name))]
+
+
 def trainable_editor(name: str) -> type:
     cls = get_editor(name)
-    if not hasattr(cls, "train_hparams_class"):
-        raise EditorError(f"editor '{name}' has no training step; trainable editors: {', '.join(TRAINABLE_EDITORS)}")
+    if not is_trainable(cls):
+        raise EditorError(f"editor '{name}' has no training step; trainable editors: {', '.join(trainable_editors())}")
     return cls
 
 
@@ -451,9 +460,13 @@ class LoadedTrainables:
 
 
 def add_subcommand(sub) -> None:
-    p = sub.add_parser("train", help="train MEND or SERAC for a base model (resumable; writes a checkpoint folder)")
+    p = sub.add_parser(
+        "train",
+        help="train an editor that learns before it edits (MEND, SERAC, or a plugin declaring a training step); "
+        "resumable, writes a checkpoint folder",
+    )
     editors = p.add_subparsers(dest="editor", required=True)
-    for name in TRAINABLE_EDITORS:
+    for name in trainable_editors():
         cls = trainable_editor(name)
         q = editors.add_parser(name, help=(cls.__doc__ or name).split("\n")[0])
         q.add_argument("--pretrained", required=True, help="HF model folder or name, or an offline model name")

@@ -11,7 +11,8 @@ per-sample scores, written as sorted JSON, one file per editor; wall-clock field
     python scripts/behaviour_snapshot.py --compare /tmp/before /tmp/after
 
 ``--compare`` prints the files that differ (byte for byte) and exits 1 if any does. Needs the benchmark data in
-``XKE_DATA_DIR``; ``--editors`` picks a subset.
+``XKE_DATA_DIR``; ``--editors`` picks a subset. Torch runs on one CPU thread: the order of float reductions depends
+on the thread count, and the trained editors (FT-M, LoRA, GRACE) then differ in the last bits between machines.
 """
 
 from __future__ import annotations
@@ -57,15 +58,20 @@ def snapshot_run(editor: str, model_dir: Path) -> dict:
 
 
 def take(out: Path, editors: list[str]) -> None:
+    import torch
+
     from lm_eval_xke.editors import EditorError, available_editors, get_editor
     from lm_eval_xke.testing import save_tiny_model
+    from lm_eval_xke.training import is_trainable
+
+    torch.set_num_threads(1)
 
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="xke-snapshot-"))
     os.environ["XKE_CACHE_DIR"] = str(scratch / "cache")  # statistics computed afresh, the same way every time
     model_dir = save_tiny_model(scratch / "tiny", "llama")
     for editor in editors or available_editors():
-        if hasattr(get_editor(editor), "train_hparams_class"):
+        if is_trainable(get_editor(editor)):
             print(f"{editor}: skipped (needs a trained checkpoint)")
             continue
         try:

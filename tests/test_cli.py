@@ -142,3 +142,18 @@ def test_memit_family_edit_modes_through_the_cli(tiny_llama_dir, data_dir, tmp_p
     # batch: two editor calls of two cases; sequential: one call per case
     assert xke["n_editor_calls"] == (2 if xke["edit_mode"] == "batch" else 4)
     assert list((tmp_path / "cache" / "stats").rglob("*.pt"))  # statistics from the en corpus, cached
+
+
+def test_tool_commands_that_only_read_results_do_not_import_torch():
+    """Only the invoked command's module is imported: reading results files stays fast and torch-free."""
+    probe = (
+        "import contextlib, io, sys\n"
+        "from lm_eval_xke.cli import main\n"
+        "for command in ('leaderboard', 'submission', 'verify', 'plot', 'report-plot', 'side-effects'):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main([command, '--help'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

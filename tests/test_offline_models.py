@@ -108,7 +108,7 @@ def test_second_prepare_is_instant(smol, monkeypatch):
 
 def _cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="lm-eval-xke")
-    om.add_models_subcommand(parser.add_subparsers(dest="command", required=True))
+    om.add_subcommand(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -186,3 +186,20 @@ def test_unknown_training_option_is_named(tiny_llama_dir, tab_file, tmp_path):
         main(train_args(tiny_llama_dir, tmp_path / "x", tab_file, rank="many"))
     with pytest.raises(EditorError, match="unknown hyper-parameter"):
         build_hparams(MendEditor.train_hparams_class, {"nope": 1}, source="x")
+
+
+def test_train_finds_editors_by_their_declared_training_step(monkeypatch):
+    """A plugin that declares a training step is a `train` command without any list to edit; others are refused."""
+    from lm_eval_xke import editors
+
+    class TrainedMend(MendEditor):
+        name = "trained_mend_plugin"
+
+    monkeypatch.setitem(editors._runtime_editors, TrainedMend.name, TrainedMend)
+    assert {"mend", "serac", TrainedMend.name} <= set(training.trainable_editors())
+    assert "rome" not in training.trainable_editors()
+    with pytest.raises(EditorError, match="'rome' has no training step; trainable editors: .*mend.*serac"):
+        training.trainable_editor("rome")
+    with pytest.raises(SystemExit) as shown:
+        main(["train", TrainedMend.name, "--help"])
+    assert shown.value.code == 0
