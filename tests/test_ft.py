@@ -82,9 +82,8 @@ def test_norm_constraint_bounds_every_weight_change(tiny_llama_dir):
         assert edit.info["delta_linf"][name] == pytest.approx(change.abs().max().item())
 
 
-def test_same_edit_twice_gives_identical_weights_and_leaves_flags_alone(tiny_qwen2_dir):
+def test_same_edit_twice_gives_identical_weights(tiny_qwen2_dir):
     model, tokenizer = load_tiny(tiny_qwen2_dir)
-    model.train()
     editor = FtMEditor()
     hp = editor.resolve_hparams("qwen2", overrides=TINY, num_layers=4)
     weights = []
@@ -93,7 +92,6 @@ def test_same_edit_twice_gives_identical_weights_and_leaves_flags_alone(tiny_qwe
         weights.append(model.get_parameter(edit.info["parameters"][0]).detach().clone())
         edit.restore()
     assert torch.equal(weights[0], weights[1])
-    assert model.training and all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize(
