@@ -9,16 +9,19 @@ Behaviour specific to a method (does the edit land, what it writes) is tested in
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
+
 import pytest
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editors import available_editors, get_editor
+from lm_eval_xke.editors import ENTRY_POINT_GROUP, get_editor
 from lm_eval_xke.testing import load_tiny, parameter_hashes, train_tiny_editor
 from lm_eval_xke.training import is_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EDITORS = available_editors()
+#: the installed editors (entry points), not the ones other test modules register at run time
+EDITORS = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 REQUESTS = [
     EditRequest("The capital city of France is", "France", "Rome", "en"),
     EditRequest("Paris is located in the country of", "Paris", "Germany", "en"),
