@@ -28,12 +28,12 @@ TOOL_COMMANDS = {
     "stats": "lm_eval_xke.stats",
     "trace": "lm_eval_xke.causal_trace",
     "train": "lm_eval_xke.training",
-    "plot": "lm_eval_xke.plots",
-    "leaderboard": "lm_eval_xke.leaderboard",
-    "submission": "lm_eval_xke.submission",
-    "verify": "lm_eval_xke.submission",
-    "report-plot": "lm_eval_xke.report_plots",
-    "side-effects": "lm_eval_xke.side_effects",
+    "plot": "lm_eval_xke.reporting.plots",
+    "leaderboard": "lm_eval_xke.reporting.leaderboard",
+    "submission": "lm_eval_xke.reporting.submission",
+    "verify": "lm_eval_xke.reporting.submission",
+    "report-plot": "lm_eval_xke.reporting.plots",
+    "side-effects": "lm_eval_xke.reporting.side_effects",
 }
 
 

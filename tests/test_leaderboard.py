@@ -10,7 +10,7 @@ import pytest
 from leaderboard_runs import tiny_runs
 
 from lm_eval_xke.cli import main
-from lm_eval_xke.leaderboard import LeaderboardError, leaderboard
+from lm_eval_xke.reporting.leaderboard import LeaderboardError, leaderboard
 
 
 @pytest.fixture(scope="session")

@@ -236,7 +236,7 @@ def test_users_multilingual_files_run_through_lm_eval(cli_run):
 
 
 def test_bmike53_bundle_verifies_and_a_changed_score_is_rejected(cli_run, tmp_path):
-    from lm_eval_xke.submission import SubmissionError, make_bundle, verify_bundle
+    from lm_eval_xke.reporting.submission import SubmissionError, make_bundle, verify_bundle
 
     bundle = make_bundle(cli_run, tmp_path / "run.zip")
     report = "\n".join(verify_bundle(bundle))
@@ -293,7 +293,7 @@ def _parallel_results(path: Path) -> Path:
 
 
 def test_leaderboard_shows_summary_columns_and_per_language_on_request(tmp_path):
-    from lm_eval_xke.leaderboard import leaderboard
+    from lm_eval_xke.reporting.leaderboard import leaderboard
 
     _parallel_results(tmp_path)
     table = leaderboard([tmp_path], fmt="csv")
@@ -305,7 +305,7 @@ def test_leaderboard_shows_summary_columns_and_per_language_on_request(tmp_path)
 
 
 def test_transfer_matrix_of_bmike53_pairs(tmp_path):
-    from lm_eval_xke.plots import markdown_table, results_files, transfer_matrix
+    from lm_eval_xke.reporting.plots import markdown_table, results_files, transfer_matrix
 
     _parallel_results(tmp_path)
     matrix = transfer_matrix(results_files(tmp_path), "bmike53_zsre", "em")

@@ -21,7 +21,7 @@ from lm_eval.api.instance import Instance
 from lm_eval_xke.edit_set import EditSetSpec
 from lm_eval_xke.editors import EditorError
 from lm_eval_xke.model import XKELM
-from lm_eval_xke.side_effects import SideEffectsError, compare, language_of, load_run
+from lm_eval_xke.reporting.side_effects import SideEffectsError, compare, language_of, load_run
 from lm_eval_xke.testing import TINY_MEMIT_HPARAMS, parameter_hashes
 
 pytestmark = pytest.mark.usefixtures("one_thread")

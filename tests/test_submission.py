@@ -12,7 +12,7 @@ import pytest
 from leaderboard_runs import tiny_runs
 
 from lm_eval_xke.cli import main
-from lm_eval_xke.submission import SubmissionError, make_bundle, verify_bundle
+from lm_eval_xke.reporting.submission import SubmissionError, make_bundle, verify_bundle
 
 
 @pytest.fixture(scope="session")

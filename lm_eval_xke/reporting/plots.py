@@ -1,6 +1,13 @@
-"""`lm-eval-xke plot transfer`: the edit-language x test-language matrix from lm-eval results files.
+"""Figures of lm-eval results files (PNG, with matplotlib).
 
-Reads one ``results_*.json`` or every one under a folder (the newest file wins for a task that appears twice),
+- ``lm-eval-xke plot transfer``: the edit-language x test-language matrix of MLaKE, MzsRE or BMIKE-53 results.
+- ``lm-eval-xke report-plot bars|gap``: merged Bi-ZsRE results of one model. ``bars``: one panel per edit language;
+  per metric column (paper order) a group of bars, one bar per editor. ``gap``: the cross-lingual gap per editor:
+  score with the question in the edit language minus the score with the question in the other language, for
+  reliability, generality and portability (0 = no gap).
+
+The transfer matrix reads one ``results_*.json`` or every one under a folder (the newest file wins for a task that
+appears twice),
 takes ``<role>_<test>_<metric>`` of a family's tasks (MLaKE, MzsRE, BMIKE-53), prints a markdown table and draws a
 heatmap. A task's edit language is its ``xke_edit_lang`` (BMIKE-53: English, or ``<lang>`` under ``xke_reverse``);
 cells that several tasks fill (BMIKE-53's English-to-English) are their mean weighted by sample count.
@@ -9,18 +16,45 @@ cells that several tasks fill (BMIKE-53's English-to-English) are their mean wei
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
+import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from lm_eval_xke.cases import PROTOCOLS
 from lm_eval_xke.data import MLAKE_LANGS, flag_option
-from lm_eval_xke.leaderboard import model_label
 from lm_eval_xke.parallel_data import BMIKE53_DATASETS, BMIKE53_LANGS, MZSRE_LANGS
+from lm_eval_xke.reporting.leaderboard import BIZSRE_COLUMNS, BIZSRE_LANGS, Row, check_columns, load_task_scores, merge
+from lm_eval_xke.reporting.results import ResultsError, find_results_files, model_label, read_results
+
+# ---------------------------------------------------------------- matplotlib
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ResultsError("plots need matplotlib, a dependency of lm_eval_xke: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, plt, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------- the transfer matrix (MLaKE, MzsRE, BMIKE-53)
 
 
 @dataclass(frozen=True)
@@ -70,24 +104,8 @@ class TransferMatrix:
 
 
 def results_files(path: str | Path) -> list[Path]:
-    """``path`` itself, or every ``results_*.json`` under it, oldest first (by name: lm-eval stamps the time).
-
-    Linked folders are followed, so one folder of links can gather the runs of several output paths."""
-    given = Path(path)
-    if given.is_file():
-        return [given]
-    found = sorted(
-        (
-            Path(folder) / name
-            for folder, _, names in os.walk(given, followlinks=True)
-            for name in names
-            if name.startswith("results_") and name.endswith(".json")
-        ),
-        key=lambda p: p.name,
-    )
-    if not found:
-        raise FileNotFoundError(f"no results_*.json file under {given}: give lm_eval's --output_path or one file")
-    return found
+    """``path`` itself, or every ``results_*.json`` under it, oldest first (by name: lm-eval stamps the time)."""
+    return sorted(find_results_files([path]), key=lambda p: p.name)
 
 
 def _editor_name(config: dict) -> str:
@@ -116,7 +134,7 @@ def transfer_matrix(
     tasks: dict[str, tuple[dict, int, str]] = {}
     editors, models = set(), set()
     for file in files:
-        data: dict[str, Any] = json.loads(Path(file).read_text(encoding="utf-8"))
+        data = read_results(file)
         for task, values in (data.get("results") or {}).items():
             named = re.fullmatch(spec.pattern, task)
             if named and named.group(1) in spec.langs:
@@ -126,7 +144,7 @@ def transfer_matrix(
                 editors.add(_editor_name(data.get("config") or {}))
                 models.add(model_label(data.get("config") or {}))
     if not tasks:
-        raise ValueError(f"no {family} task in {', '.join(str(f) for f in files)}")
+        raise ResultsError(f"no {family} task in {', '.join(str(f) for f in files)}")
     sums: dict[tuple[str, str], list[float]] = {}
     counts: dict[str, int] = {}
     for values, n, edit in tasks.values():
@@ -168,11 +186,7 @@ def markdown_table(matrix: TransferMatrix) -> str:
 
 def plot_heatmap(matrix: TransferMatrix, output: str | Path) -> Path:
     """Save the matrix as an annotated heatmap (percent, 0-100 colour scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, columns = matrix.rows, matrix.columns
     grid = [[100 * matrix.values[e][t] for t in columns] for e in rows]
     width, height = max(6.4, 1.2 + 0.55 * len(columns)), max(2.4, 1.6 + 0.5 * len(rows))
@@ -189,15 +203,10 @@ def plot_heatmap(matrix: TransferMatrix, output: str | Path) -> Path:
             ax.text(j, i, _cell(matrix.values[edit][test]), ha="center", va="center", color=colour, fontsize=7)
     ax.set_title("\n".join(textwrap.wrap(matrix.title, int(9 * width))), fontsize=10)
     fig.colorbar(image, ax=ax, label="percent")
-    fig.tight_layout()
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, plt, output)
 
 
-def add_subcommand(sub: argparse._SubParsersAction) -> None:
+def _add_transfer(sub: argparse._SubParsersAction) -> None:
     """Register ``plot transfer`` on the ``lm-eval-xke`` tool parser."""
     plot = sub.add_parser("plot", help="plot results (the transfer matrix)")
     kinds = plot.add_subparsers(dest="plot_kind", required=True)
@@ -221,8 +230,117 @@ def run_transfer(args: argparse.Namespace) -> int:
         raise SystemExit(f"--metric for {args.family} must be one of {', '.join(metrics)}")
     try:
         matrix = transfer_matrix(results_files(args.results), args.family, metric, args.role)
-    except (FileNotFoundError, ValueError) as err:  # a wrong path or a folder without the family's results: one line
+    except ResultsError as err:  # a wrong path or a folder without the family's results: one line
         raise SystemExit(f"lm-eval-xke plot transfer: {err}") from None
     print(markdown_table(matrix))
     print(f"\nwrote {plot_heatmap(matrix, args.output)}")
     return 0
+
+
+# ---------------------------------------------------------------- Bi-ZsRE bars and cross-lingual gap
+
+GAP_ROLES = (("reliability", "rel", "rel_tgt"), ("generality", "gen", "gen"), ("portability", "port", "port"))
+
+
+def rows_for_model(paths: Sequence[str | Path], model: str | None, protocol: str = "teacher_forced") -> list[Row]:
+    """Merged rows of one model (the only one, if ``model`` is None) and protocol, checked like a leaderboard."""
+    scores = [s for f in find_results_files(paths) for s in load_task_scores(f)]
+    rows = merge(s for s in scores if s.family == "bizsre" and s.protocol == protocol)
+    models = sorted({r.key[0] for r in rows})
+    if model is None and len(models) == 1:
+        model = models[0]
+    chosen = [r for r in rows if r.key[0] == model]
+    if not chosen:
+        raise ResultsError(
+            f"pick one model with --model; the {protocol} results hold: {', '.join(models) or 'none'}"
+        )
+    check_columns(chosen)
+    return chosen
+
+
+def plot_bars(rows: Sequence[Row], metric: str, out: str | Path) -> Path:
+    """Grouped bars: x = metric columns in the paper's order, one bar per editor, one panel per edit language."""
+    plt = pyplot()
+    langs = sorted({r.key[2] for r in rows})
+    editors = sorted({r.key[1] for r in rows})
+    stems = [stem for stem, _, _ in BIZSRE_COLUMNS]
+    fig, axes = plt.subplots(len(langs), 1, figsize=(1.1 * len(stems) + 2, 3.2 * len(langs)), squeeze=False)
+    width = 0.8 / len(editors)
+    for ax, lang in zip(axes[:, 0], langs, strict=True):
+        for i, editor in enumerate(editors):
+            row = next((r for r in rows if r.key[1] == editor and r.key[2] == lang), None)
+            values = [100 * (row.cells.get(f"{s}_{metric}") or 0.0) if row else 0.0 for s in stems]
+            xs = [x + (i - (len(editors) - 1) / 2) * width for x in range(len(stems))]
+            ax.bar(xs, values, width, label=editor)
+        ax.set_xticks(range(len(stems)), stems)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel(f"{metric.upper()} (%)")
+        ax.set_title(f"{rows[0].key[0]}: edits in {lang} ({rows[0].key[3]})")
+        ax.legend(title="editor", fontsize=8)
+    return save_figure(fig, plt, out)
+
+
+def gap_values(row: Row, metric: str) -> dict[str, float | None]:
+    """Edit-language score minus other-language score per role, in percentage points."""
+    lang = row.key[2]
+    other = next((x for x in BIZSRE_LANGS if x != lang), lang)
+    gaps = {}
+    for role, stem, other_stem in GAP_ROLES:
+        src_key = f"{stem}_{metric}" if role == "reliability" else f"{stem}_{lang}_{metric}"
+        dst_key = f"{other_stem}_{metric}" if role == "reliability" else f"{other_stem}_{other}_{metric}"
+        src, dst = row.cells.get(src_key), row.cells.get(dst_key)
+        gaps[role] = None if src is None or dst is None else 100 * (src - dst)
+    return gaps
+
+
+def plot_gap(rows: Sequence[Row], metric: str, out: str | Path) -> Path:
+    """Per editor, bars of the cross-lingual gap for each role; one panel per edit language."""
+    plt = pyplot()
+    langs = sorted({r.key[2] for r in rows})
+    editors = sorted({r.key[1] for r in rows})
+    fig, axes = plt.subplots(1, len(langs), figsize=(2.2 * len(editors) * len(langs) + 2, 3.6), squeeze=False)
+    width = 0.8 / len(GAP_ROLES)
+    for ax, lang in zip(axes[0], langs, strict=True):
+        other = next((x for x in BIZSRE_LANGS if x != lang), lang)
+        for j, (role, _, _) in enumerate(GAP_ROLES):
+            values = []
+            for editor in editors:
+                row = next((r for r in rows if r.key[1] == editor and r.key[2] == lang), None)
+                values.append((gap_values(row, metric)[role] if row else None) or 0.0)
+            xs = [x + (j - 1) * width for x in range(len(editors))]
+            bars = ax.bar(xs, values, width, label=role)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(editors)), editors)
+        ax.set_ylabel(f"{metric.upper()} gap {lang} - {other} (points)")
+        ax.set_title(f"{rows[0].key[0]}: edits in {lang}")
+        ax.legend(fontsize=8)
+    return save_figure(fig, plt, out)
+
+
+def _add_report_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report-plot", help="PNG plots of merged Bi-ZsRE results: bars per metric, cross-lingual gap")
+    p.add_argument("kind", choices=("bars", "gap"), help="bars: metrics across editors; gap: edit vs other language")
+    p.add_argument("paths", nargs="+", help="results_*.json files or folders holding them")
+    p.add_argument("--model", help="the model to plot (needed when the results hold several)")
+    p.add_argument("--metric", choices=("em", "f1"), default="em")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="teacher_forced", help="which protocol's runs to plot")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=_run_report_plot)
+
+
+def _run_report_plot(args: argparse.Namespace) -> int:
+    try:
+        rows = rows_for_model(args.paths, args.model, args.protocol)
+        plot = plot_bars if args.kind == "bars" else plot_gap
+        print(f"wrote {plot(rows, args.metric, args.out)}")
+    except ResultsError as err:
+        print(f"lm-eval-xke report-plot: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    """``plot transfer`` and ``report-plot`` (one module, both commands)."""
+    _add_transfer(sub)
+    _add_report_plot(sub)

@@ -24,12 +24,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lm_eval_xke.reporting.results import ResultsError, find_results_files, read_results, xke_config
+
 BUNDLE_FORMAT = "lm_eval_xke-submission/1"
 PACKAGES = ("lm_eval", "lm_eval_xke", "torch", "transformers", "tokenizers", "datasets")
 TOLERANCE = 1e-9
 
 
-class SubmissionError(ValueError):
+class SubmissionError(ResultsError):
     """A run that cannot be bundled, or a bundle that does not verify; worded for the user."""
 
 
@@ -38,17 +40,13 @@ class SubmissionError(ValueError):
 
 def find_run(path: str | Path) -> tuple[Path, dict[str, Path]]:
     """The results file of a run and its samples file per task (same timestamp, same folder)."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.rglob("results_*.json"))
-        if len(candidates) != 1:
-            listing = "\n  ".join(map(str, candidates)) or "(none)"
-            raise SubmissionError(f"{path} must hold exactly one results_*.json; found:\n  {listing}\npass one file")
-        path = candidates[0]
-    if not path.is_file():
-        raise SubmissionError(f"{path} does not exist")
+    candidates = find_results_files([path])
+    if len(candidates) != 1:
+        listing = "\n  ".join(map(str, candidates))
+        raise SubmissionError(f"{path} must hold exactly one results_*.json; found:\n  {listing}\npass one file")
+    path = candidates[0]
     stamp = path.stem.removeprefix("results_")
-    results = _read_json(path)
+    results = read_results(path)
     samples = {}
     for task in results.get("configs") or {}:
         found = path.parent / f"samples_{task}_{stamp}.jsonl"
@@ -61,7 +59,7 @@ def find_run(path: str | Path) -> tuple[Path, dict[str, Path]]:
 def make_bundle(run: str | Path, out: str | Path) -> Path:
     """Write the bundle of the run at ``run`` (a results file or its folder) to ``out``; it is verified first."""
     results_path, sample_paths = find_run(run)
-    results = _read_json(results_path)
+    results = read_results(results_path)
     xke = _xke_config(results)
     files = {"results.json": results_path.read_bytes()}
     files.update({f"samples/{task}.jsonl": p.read_bytes() for task, p in sample_paths.items()})
@@ -256,17 +254,10 @@ def _expect(what: str, recomputed: float, reported: Any) -> None:
 
 
 def _xke_config(results: dict) -> dict:
-    xke = (results.get("config") or {}).get("xke")
+    xke = xke_config(results)
     if xke is None:
         raise SubmissionError("results.json was not made with --model xke (no config.xke)")
     return xke
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise SubmissionError(f"{path} is not a readable JSON file: {err}") from None
 
 
 def _read_jsonl(data: bytes, name: str) -> list[dict]:
@@ -301,7 +292,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 def _run_submission(args: argparse.Namespace) -> int:
     try:
         out = make_bundle(args.run, args.out)
-    except SubmissionError as err:
+    except ResultsError as err:
         print(f"lm-eval-xke submission: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} (verified)")
@@ -311,7 +302,7 @@ def _run_submission(args: argparse.Namespace) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     try:
         report = verify_bundle(args.bundle)
-    except SubmissionError as err:
+    except ResultsError as err:
         print(f"lm-eval-xke verify: REJECTED {args.bundle}: {err}", file=sys.stderr)
         return 1
     print("\n".join([f"OK {args.bundle}", *(f"  {line}" for line in report)]))

@@ -24,8 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_xke.leaderboard import LeaderboardError, find_results_files, model_args_of, model_label
-from lm_eval_xke.report_plots import pyplot, save_figure
+from lm_eval_xke.reporting.plots import pyplot, save_figure
+from lm_eval_xke.reporting.results import (
+    ResultsError,
+    find_results_files,
+    model_args_of,
+    model_label,
+    read_results,
+    xke_config,
+)
 
 #: ``<family>_<lang>``: a 2-3 letter code, optionally with a script (``zho_Hans``) or region (``pt_BR``)
 LANGUAGE_SUFFIX = re.compile(r"^(?P<family>.+?)_(?P<lang>[a-z]{2,3}(?:_(?:[A-Z][a-z]{3}|[A-Z]{2}))?)$")
@@ -38,7 +45,7 @@ SE_UNPAIRED = (
 )
 
 
-class SideEffectsError(LeaderboardError):
+class SideEffectsError(ResultsError):
     """Runs that cannot be compared, or a results file that is not what the command needs."""
 
 
@@ -126,12 +133,8 @@ def load_run(path: str | Path) -> Run:
         raise SideEffectsError(
             f"{path} holds {len(files)} results files; name one of them: " + ", ".join(str(f) for f in files[:5])
         )
-    try:
-        results = json.loads(files[0].read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise SideEffectsError(f"{files[0]} is not a readable lm-eval results JSON: {err}") from None
-    config = results.get("config") or {}
-    xke = (config.get("model_info") or {}).get("xke") or config.get("xke") or {}
+    results = read_results(files[0])
+    xke = xke_config(results) or {}
     return Run(files[0], results, xke.get("edit_set"), xke)
 
 
@@ -382,7 +385,7 @@ def _run(args: argparse.Namespace) -> int:
         print(markdown(comparison) if args.format == "markdown" else csv_table(comparison), end="")
         if args.plot:
             print(f"plot: {plot(comparison, args.plot_metric, args.plot)}")
-    except LeaderboardError as err:
+    except ResultsError as err:
         print(f"lm-eval-xke side-effects: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,6 @@ import argparse
 import csv
 import html
 import io
-import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -24,6 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_xke.data import flag_option
+from lm_eval_xke.reporting.results import (
+    ResultsError,
+    find_results_files,
+    read_results,
+    short_model_name,
+    xke_config,
+)
 
 BIZSRE_LANGS = ("en", "zh")
 # (column stem, role, question language: a code, "edit" for the edit language or "other" for the other one)
@@ -42,7 +48,7 @@ SPLIT_CHOICES = ("protocol", "f1", "data")
 FORMATS = ("md", "csv", "latex", "html")
 
 
-class LeaderboardError(ValueError):
+class LeaderboardError(ResultsError):
     """Results that cannot be merged as asked, worded for the user."""
 
 
@@ -76,30 +82,10 @@ class Row:
 # ---------------------------------------------------------------- reading results files
 
 
-def find_results_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Results JSON files named directly or found (recursively) in folders; each file once."""
-    found: dict[Path, None] = {}
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(p.rglob("results_*.json"))
-            if not files:
-                raise LeaderboardError(f"no results_*.json under {p}: pass lm-eval's --output_path folder or files")
-            found.update(dict.fromkeys(f.resolve() for f in files))
-        elif p.is_file():
-            found[p.resolve()] = None
-        else:
-            raise LeaderboardError(f"{p} does not exist")
-    return list(found)
-
-
 def load_task_scores(path: Path) -> list[TaskScores]:
     """Every Bi-ZsRE, MLaKE, MzsRE and BMIKE-53 task of one lm-eval results file (other tasks are ignored)."""
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise LeaderboardError(f"{path} is not a readable lm-eval results JSON: {err}") from None
-    config = results.get("config") or {}
-    xke = (config.get("model_info") or {}).get("xke") or config.get("xke")
+    results = read_results(path)
+    xke = xke_config(results)
     if xke is None:
         raise LeaderboardError(f"{path} was not made with --model xke (no config.xke): rerun with --model xke")
     out = []
@@ -140,7 +126,7 @@ def _task_scores(path: Path, results: dict, xke: dict, task: str, family: str, v
         source=path,
         task=task,
         family=family,
-        model=_model_label(str(results.get("model_name") or "?")),
+        model=short_model_name(str(results.get("model_name") or "?")),
         editor=str(xke.get("editor", "?")),
         edit_lang=_edit_lang(task, family, metadata),
         protocol=str(protocol),
@@ -155,25 +141,6 @@ def _task_scores(path: Path, results: dict, xke: dict, task: str, family: str, v
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))
         },
     )
-
-
-def _model_label(name: str) -> str:
-    """Hub ids stay as they are; a local folder is shown by its last component."""
-    return Path(name).name if name.startswith(("/", ".", "~")) else name
-
-
-def model_args_of(config: dict) -> dict[str, str]:
-    """A results ``config``'s model_args as a dict (the CLI records the string it was given, the API a dict)."""
-    args = config.get("model_args") or {}
-    if isinstance(args, str):
-        args = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
-    return {k: str(v) for k, v in args.items()}
-
-
-def model_label(config: dict) -> str:
-    """The model a results ``config`` ran, as tables show it: ``pretrained`` from its model_args (see
-    ``_model_label``), else the lm-eval model name."""
-    return _model_label(model_args_of(config).get("pretrained", str(config.get("model", "?"))).rstrip("/"))
 
 
 def _only(values: Sequence[Any], what: str) -> Any:
@@ -450,7 +417,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     try:
         text = leaderboard(args.paths, args.format, args.sort, args.ascending, args.split_by, args.per_language)
-    except LeaderboardError as err:
+    except ResultsError as err:
         print(f"lm-eval-xke leaderboard: error: {err}", file=sys.stderr)
         return 2
     if args.out:
