@@ -12,11 +12,14 @@ journal written by another configuration is refused with the field that differs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,38 @@ def journal_path(setting: Any, identity: Mapping[str, Any]) -> Path:
         return journals_dir() / name
     path = Path(text).expanduser()
     return path / name if path.is_dir() or text.endswith(("/", os.sep)) else path
+
+
+def journal_identity(request_type: str, editor_cls: type, settings: Mapping[str, Any], cases: Any) -> dict[str, Any]:
+    """Everything a run's journaled answers depend on: the request type, the editor and the code it runs
+    (``code_digest``), the run's settings (hyper-parameters, modes, seed, backend, model and weights, task options)
+    and a digest of the cases' inputs. A journal is reused only by a run with the same identity."""
+    return {
+        "request_type": request_type,
+        "editor": editor_cls.name,
+        "code": code_digest(editor_cls),
+        **settings,
+        "cases": digest(cases),
+    }
+
+
+def code_digest(editor_cls: type) -> str:
+    """Hash of the code a run's answers can depend on: the source of every ``lm_eval_xke`` module loaded in this
+    process (the core, the tasks and the plugins, so a module one editor borrows from another counts), the editor's
+    own package (a third-party plugin lives outside ``lm_eval_xke``) and the installed package version. A journal
+    outlives no change to any of them."""
+    files = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == "lm_eval_xke" or name.startswith("lm_eval_xke.")) and getattr(module, "__file__", None)
+    }
+    files |= set(Path(inspect.getfile(editor_cls)).parent.rglob("*.py"))
+    try:
+        version = metadata.version("lm_eval_xke")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "not installed"
+    sources = [[str(f), hashlib.sha256(f.read_bytes()).hexdigest()] for f in sorted(files) if f.is_file()]
+    return digest([version, sources])
 
 
 @dataclass(frozen=True)

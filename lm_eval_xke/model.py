@@ -9,26 +9,20 @@ Every other request passes through to the backend unedited, so ordinary tasks ru
 from __future__ import annotations
 
 import copy
-import hashlib
-import inspect
 import itertools
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 from lm_eval.api.model import LM
-from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from lm_eval_xke.cases import TASK_FIXED_OPTIONS, TASK_OPTION_PREFIX, EditCase, Question
+from lm_eval_xke.cases import EditCase, Question
 from lm_eval_xke.edit_set import (
     EDIT_SET_MODE_SEMANTICS,
     EditSetSpec,
@@ -36,39 +30,24 @@ from lm_eval_xke.edit_set import (
     edited_fingerprint,
     load_edit_cases,
 )
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, EditPlan, get_editor, hparam_fields, parallel_editors
+from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, EditPlan, hparam_fields
 from lm_eval_xke.failed_edits import failed_answer, non_finite_reason
-from lm_eval_xke.journal import CaseEntry, Journal, JournalError, digest, journal_enabled, journal_path
+from lm_eval_xke.journal import (
+    CaseEntry,
+    Journal,
+    JournalError,
+    digest,
+    journal_enabled,
+    journal_identity,
+    journal_path,
+)
+from lm_eval_xke.model_args import EDIT_MODE_SEMANTICS, SHARDED_SEMANTICS, parse_model_args
 from lm_eval_xke.responses import without_readout
 from lm_eval_xke.stats import weights_fingerprint
 
 # under lm-eval's logger tree, so that its CLI logging set-up prints our lines next to its own
 log = logging.getLogger("lm_eval.models.xke")
 
-#: What each edit mode does, recorded in the results ``config`` next to the mode itself.
-EDIT_MODE_SEMANTICS = {
-    "single": "per case: edit from the clean model, answer its questions, restore",
-    "batch": "per chunk of edit_batch_size cases: one editor call for all their requests, answer them all, restore",
-    "sequential": (
-        "edits accumulate in dataset order; each case is answered right after its own edit (the plain metrics) and "
-        "all cases again after the last edit (metrics suffixed _final); restored at the end"
-    ),
-}
-EDIT_MODES = tuple(EDIT_MODE_SEMANTICS)
-#: The order in which ``edit_mode=sequential`` applies the cases of several tasks.
-EDIT_ORDER_SEMANTICS = {
-    "dataset": "task after task, each in dataset order",
-    "interleave": "round-robin over the tasks (first case of each task, then the second...), e.g. alternating edit "
-    "languages with --tasks bizsre_en,bizsre_zh",
-}
-#: Appended to the semantics of a run sharded by ``accelerate launch`` (lm-eval gives process r every n-th doc).
-SHARDED_SEMANTICS = (
-    "; sharded over {n} processes: each edits and answers one case in {n} (doc ids equal to its rank modulo {n}), "
-    "so batches form within a process's share; n_edit_cases, n_editor_calls and edit timings are process 0's"
-)
-BACKENDS = ("hf", "vllm")
-#: ``on_edit_failure``: record a failed edit and go on from the restored model, or end the run
-EDIT_FAILURE_POLICIES = ("skip", "stop")
 #: failed edits listed by name in the results (all of them are counted)
 LISTED_FAILURES = 100
 
@@ -153,32 +132,22 @@ class XKELM(LM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        editor = "none" if editor is None else str(editor)  # lm-eval parses the model_arg `none` to None
-        if edit_mode not in EDIT_MODES:
-            raise EditorError(f"edit_mode must be one of {', '.join(EDIT_MODES)}, got {edit_mode!r}")
-        if edit_order not in EDIT_ORDER_SEMANTICS:
-            raise EditorError(f"edit_order must be one of {', '.join(EDIT_ORDER_SEMANTICS)}, got {edit_order!r}")
-        if edit_order != "dataset" and edit_mode != "sequential":
-            raise EditorError(
-                f"edit_order={edit_order} orders the edits of edit_mode=sequential (got edit_mode={edit_mode}), where "
-                "they accumulate; in other modes every case is edited from the unedited model"
-            )
-        if backend not in BACKENDS:
-            raise EditorError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        editor_cls = get_editor(editor)
-        if edit_mode == "batch" and not editor_cls.supports_batch:
-            raise _no_batch(editor_cls, "edit_mode=single or edit_mode=sequential")
-        edit_batch_size = _int_arg("edit_batch_size", edit_batch_size, minimum=1)
-        seed = _int_arg("seed", seed, minimum=0)
-        edit_parallel = _check_edit_parallel(edit_parallel, edit_mode, editor_cls)
-        if on_edit_failure not in EDIT_FAILURE_POLICIES:
-            raise EditorError(
-                f"on_edit_failure must be one of {', '.join(EDIT_FAILURE_POLICIES)}, got {on_edit_failure!r}"
-            )
-        held = _check_edit_set(edit_set, edit_set_mode, edit_set_include_path, editor_cls)
-        backend_cls = _backend_class(backend)
-        overrides, self.task_options, backend_kwargs = _split_model_args(kwargs, editor_cls, backend_cls)
-        self.backend = backend_cls(**backend_kwargs)
+        args = parse_model_args(
+            editor=editor,
+            edit_mode=edit_mode,
+            edit_order=edit_order,
+            edit_batch_size=edit_batch_size,
+            edit_parallel=edit_parallel,
+            backend=backend,
+            seed=seed,
+            on_edit_failure=on_edit_failure,
+            edit_set=edit_set,
+            edit_set_mode=edit_set_mode,
+            edit_set_include_path=edit_set_include_path,
+            kwargs=kwargs,
+        )
+        self.task_options = args.task_options
+        self.backend = args.backend_cls(**args.backend_kwargs)
         if edit_mode == "sequential" and self.world_size > 1:
             raise EditorError(
                 f"edit_mode=sequential cannot be sharded over {self.world_size} processes: each process would "
@@ -187,25 +156,25 @@ class XKELM(LM):
             )
         # backends that answer many edits in one call are told, per request, which edits it is answered under
         self._answers_per_edit = getattr(self.backend, "answers_per_edit", False)
-        self.editor: Editor = editor_cls()
+        self.editor: Editor = args.editor_cls()
         self.traced: dict[str, dict] = {}  # layers=auto: per hyper-parameter, the causal trace that chose it
-        self.hparams = self._resolve_hparams(editor_config, overrides, preset)
+        self.hparams = self._resolve_hparams(editor_config, args.overrides, preset)
         self.preset = preset
         self.edit_mode = edit_mode
         self.edit_order = edit_order
-        self.edit_batch_size = edit_batch_size if edit_mode == "batch" else 1
-        self.edit_parallel = edit_parallel
+        self.edit_batch_size = args.edit_batch_size if edit_mode == "batch" else 1
+        self.edit_parallel = args.edit_parallel
         self._plans: dict[tuple[str, int], tuple[EditPlan, float]] = {}  # per case: its plan, its planning seconds
-        self.seed = seed
+        self.seed = args.seed
         self.journal_setting = journal
         self.on_edit_failure = on_edit_failure
-        self._backend_args = backend_kwargs
+        self._backend_args = args.backend_kwargs
         self._weights = weights_fingerprint(self.backend.model)  # of the unedited model: journal identity, results
         self._run = _RunRecord()
         self._held: list[AppliedEdit] = []  # the edit set's edits, applied until the process ends
         self._edit_set: dict[str, Any] | None = None  # what the results record of them
-        if held is not None:
-            self._hold_edit_set(*held, include_path=edit_set_include_path)
+        if args.held is not None:
+            self._hold_edit_set(*args.held, include_path=edit_set_include_path)
 
     # ------------------------------------------------------------ lm-eval plumbing, forwarded
 
@@ -603,11 +572,7 @@ class XKELM(LM):
         return journal
 
     def _journal_identity(self, requests: list, works: list[_CaseWork]) -> dict[str, Any]:
-        """Everything the journaled answers depend on; a journal is reused only by a run with the same identity."""
-        return {
-            "request_type": requests[works[0].positions[0]].request_type,
-            "editor": self.editor.name,
-            "code": _code_digest(type(self.editor)),
+        settings = {
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
             "edit_order": self.edit_order,
@@ -620,8 +585,9 @@ class XKELM(LM):
             "model": str(getattr(self.backend.model.config, "name_or_path", "")),
             "weights": self._weights,
             "task_options": self.task_options,
-            "cases": digest([[*w.key, w.inputs] for w in works]),
         }
+        request_type = requests[works[0].positions[0]].request_type
+        return journal_identity(request_type, type(self.editor), settings, [[*w.key, w.inputs] for w in works])
 
     def _answer_from_journal(
         self, requests: list, works: list[_CaseWork], journal: Journal | None, results: list
@@ -785,25 +751,6 @@ class _RunRecord:
         }
 
 
-def _code_digest(editor_cls: type) -> str:
-    """Hash of the code a run's answers can depend on: the source of every ``lm_eval_xke`` module loaded in this
-    process (the core, the tasks and the plugins, so a module one editor borrows from another counts), the editor's
-    own package (a third-party plugin lives outside ``lm_eval_xke``) and the installed package version. A journal
-    outlives no change to any of them."""
-    files = {
-        Path(module.__file__)
-        for name, module in list(sys.modules.items())
-        if (name == "lm_eval_xke" or name.startswith("lm_eval_xke.")) and getattr(module, "__file__", None)
-    }
-    files |= set(Path(inspect.getfile(editor_cls)).parent.rglob("*.py"))
-    try:
-        version = metadata.version("lm_eval_xke")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        version = "not installed"
-    sources = [[str(f), hashlib.sha256(f.read_bytes()).hexdigest()] for f in sorted(files) if f.is_file()]
-    return digest([version, sources])
-
-
 def _is_edit_request(request) -> bool:
     doc = getattr(request, "doc", None)
     return isinstance(doc, dict) and bool(doc.get("xke"))
@@ -829,98 +776,3 @@ def _with_context(instance, context: str):
     clone = copy.copy(instance)
     clone.arguments = (context, *instance.arguments[1:])
     return clone
-
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    """A whole-number model_arg (lm-eval turns "5" into 5 but passes "abc" on); an EditorError names it."""
-    try:
-        number = int(value)
-        whole = not isinstance(value, bool) and number == float(value)
-    except (TypeError, ValueError):
-        whole = False
-    if not whole or number < minimum:
-        raise EditorError(f"model_arg {name} must be a whole number >= {minimum}, got {value!r}")
-    return number
-
-
-def _check_edit_set(
-    value: Any, mode: str | None, include_path: str | None, editor_cls: type[Editor]
-) -> tuple[EditSetSpec, str] | None:
-    """The parsed ``edit_set`` and its mode (default: batch where the editor can, else sequential), or None."""
-    if value is None:
-        if mode is not None or include_path is not None:
-            raise EditorError("edit_set_mode and edit_set_include_path go with edit_set=<task>:<count>[:<offset>]")
-        return None
-    spec = EditSetSpec.parse(value)
-    mode = mode or ("batch" if editor_cls.supports_batch else "sequential")
-    if mode not in EDIT_SET_MODE_SEMANTICS:
-        raise EditorError(f"edit_set_mode must be one of {', '.join(EDIT_SET_MODE_SEMANTICS)}, got {mode!r}")
-    if mode == "batch" and not editor_cls.supports_batch:
-        raise _no_batch(editor_cls, "edit_set_mode=sequential")
-    return spec, mode
-
-
-def _no_batch(editor_cls: type[Editor], instead: str) -> EditorError:
-    return EditorError(
-        f"editor '{editor_cls.name}' cannot edit in batch mode: {editor_cls.batch_unsupported_reason}. Use {instead}."
-    )
-
-
-def _check_edit_parallel(value: Any, edit_mode: str, editor_cls: type[Editor]) -> int:
-    """``edit_parallel`` as an int >= 1; above 1 only in single mode and for editors that can plan in parallel."""
-    parallel = _int_arg("edit_parallel", value, minimum=1)
-    if parallel > 1 and edit_mode != "single":
-        raise EditorError(
-            f"edit_parallel={parallel} plans independent single-mode edits together, so it needs edit_mode=single "
-            f"(got edit_mode={edit_mode}); drop edit_parallel or use edit_mode=single"
-        )
-    if parallel > 1 and not editor_cls.supports_parallel:
-        raise EditorError(
-            f"editor '{editor_cls.name}' cannot plan edits in parallel (edit_parallel={parallel}); editors that can: "
-            f"{parallel_editors()}. Use edit_parallel=1."
-        )
-    return parallel
-
-
-def _backend_class(name: str) -> type:
-    """The backend's class; `vllm` (an optional extra) is imported only when asked for."""
-    if name == "vllm":
-        from lm_eval_xke.backends.vllm import VLLMBackend
-
-        return VLLMBackend
-    from lm_eval_xke.backends.hf import HFBackend
-
-    return HFBackend
-
-
-def _split_model_args(kwargs: dict[str, Any], editor_cls: type[Editor], backend_cls: type) -> tuple[dict, dict, dict]:
-    """Split model_args into editor hyper-parameter overrides, ``xke_*`` task options and backend arguments."""
-    hparam_names = set(hparam_fields(editor_cls.hparams_class))
-    hf_names = set(inspect.signature(HFLM.__init__).parameters) - {"self", "backend", "kwargs"}
-    engine_names = set(getattr(backend_cls, "engine_argument_names", frozenset)())  # `vllm`: EngineArgs fields
-    backend_names = hf_names | engine_names
-    overrides, task_options, backend_kwargs, unknown = {}, {}, {}, []
-    for key, value in kwargs.items():
-        if key in TASK_FIXED_OPTIONS:
-            raise EditorError(f"model_arg '{key}' is fixed by each task (choose the task, e.g. bizsre_zh, instead)")
-        if key.startswith(TASK_OPTION_PREFIX):
-            task_options[key] = value
-        elif key in hparam_names:
-            overrides[key] = value
-        elif key in backend_names:
-            backend_kwargs[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise EditorError(
-            f"unknown model_args for --model xke: {', '.join(sorted(unknown))}. "
-            "xke arguments: editor, preset, editor_config, edit_mode, edit_order, edit_batch_size, edit_parallel, "
-            "edit_set, edit_set_mode, edit_set_include_path, backend, seed, journal, on_edit_failure, xke_* task "
-            "options; "
-            f"hyper-parameters of editor '{editor_cls.name}': {', '.join(sorted(hparam_names)) or '(none)'}; "
-            f"backend ({backend_cls.name}) arguments: {', '.join(sorted(hf_names))}"
-            + (" and vLLM's EngineArgs fields" if engine_names else "")
-        )
-    if "pretrained" not in backend_kwargs:
-        raise EditorError("--model xke needs pretrained=<model name, local folder or PreTrainedModel>")
-    return overrides, task_options, backend_kwargs

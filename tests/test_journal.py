@@ -238,17 +238,17 @@ def test_a_killed_lm_eval_run_resumes_to_the_same_results(tiny_llama_dir, data_d
 def test_code_identity_covers_borrowed_modules_and_the_version(tmp_path, monkeypatch):
     """MEMIT borrows ROME's value optimisation: changing that file (here, a copy of it) changes MEMIT's journal
     identity, so an old journal is not reused; so does another package version."""
-    import lm_eval_xke.model as model_module
+    from lm_eval_xke import journal as journal_module
     from lm_eval_xke.editors import get_editor
 
     memit = type(get_editor("memit"))
-    before = model_module._code_digest(memit)
+    before = journal_module.code_digest(memit)
     borrowed = sys.modules["lm_eval_xke.plugins.rome.compute_v"]
     changed = tmp_path / "compute_v.py"
     changed.write_text(Path(borrowed.__file__).read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
     monkeypatch.setattr(borrowed, "__file__", str(changed))
-    assert model_module._code_digest(memit) != before
+    assert journal_module.code_digest(memit) != before
     monkeypatch.undo()
-    assert model_module._code_digest(memit) == before
-    monkeypatch.setattr(model_module.metadata, "version", lambda name: "9.9.9")
-    assert model_module._code_digest(memit) != before
+    assert journal_module.code_digest(memit) == before
+    monkeypatch.setattr(journal_module.metadata, "version", lambda name: "9.9.9")
+    assert journal_module.code_digest(memit) != before

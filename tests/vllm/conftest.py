@@ -33,10 +33,11 @@ def xke() -> Iterator[Callable]:
     from vllm_cases import ReplayedRome
 
     from lm_eval_xke import model as xke_model
+    from lm_eval_xke import model_args as xke_args
     from lm_eval_xke.editors import register_editor
 
     register_editor(ReplayedRome.name, ReplayedRome)
-    backend_class = xke_model._backend_class
+    backend_class = xke_args.backend_class
     models: dict[tuple, object] = {}
     backends: dict[tuple, object] = {}
 
@@ -71,5 +72,5 @@ def xke() -> Iterator[Callable]:
         return models[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(xke_model, "_backend_class", shared_backend_class)
+        patch.setattr(xke_args, "backend_class", shared_backend_class)
         yield make
