@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lm_eval_xke.editing.hooks import module_io
 from lm_eval_xke.editing.tokens import pad_right
 
 
@@ -24,10 +25,6 @@ def padding_id(tokenizer) -> int:
     return 0
 
 
-class _Stop(Exception):
-    """Raised after the pooled block ran: the later blocks are not needed."""
-
-
 def decoder_blocks(model) -> nn.ModuleList:
     """The model's list of transformer blocks (``model.layers``, GPT-2's ``transformer.h``...)."""
     for module in model.modules():
@@ -36,29 +33,15 @@ def decoder_blocks(model) -> nn.ModuleList:
     raise ValueError(f"no list of {model.config.num_hidden_layers} blocks found in {type(model).__name__}")
 
 
-@contextlib.contextmanager
-def stop_after(block: nn.Module, record: dict) -> Iterator[None]:
-    def hook(_module, _args, output):
-        record["hidden"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def mean_pooled(model, tokenizer, block: nn.Module, texts: Sequence[str]) -> torch.Tensor:
     """The block's output averaged over each text's tokens, ``[n, hidden]`` float32 (one padded forward pass)."""
     device = next(model.parameters()).device
     input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], padding_id(tokenizer), device)
-    record: dict = {}
-    with stop_after(block, record), contextlib.suppress(_Stop):
-        model(input_ids=input_ids, attention_mask=mask)
+    output = module_io(model, block, input_ids=input_ids, attention_mask=mask)["output"]
+    hidden = output[0] if isinstance(output, tuple) else output
     weights = mask[..., None].float()
-    return (record["hidden"].float() * weights).sum(1) / weights.sum(1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1)
 
 
 @contextlib.contextmanager

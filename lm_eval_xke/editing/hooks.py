@@ -1,4 +1,5 @@
-"""Forward hooks on one module: record its input and output, or add a vector to its output at given positions."""
+"""Forward hooks on one module: record its input and output (``trace_module``; ``module_io`` stops the forward pass
+there), or add a vector to its output at given positions."""
 
 from __future__ import annotations
 
@@ -21,6 +22,36 @@ def trace_module(module: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield record
     finally:
         handle.remove()
+
+
+class _Reached(Exception):
+    """Raised once the traced module has run: the rest of the forward pass is not needed."""
+
+
+@torch.no_grad()
+def module_io(model: torch.nn.Module, module: torch.nn.Module, **inputs) -> dict[str, torch.Tensor]:
+    """The module's ``"input"`` and ``"output"`` in ``model(**inputs)``, the pass stopped right after the module.
+
+    The later blocks and the vocabulary projection are never computed: for a batch of keys that is most of the time,
+    and the logits alone (rows x tokens x vocabulary floats) take gigabytes for a hundred edits' templates on a
+    150k-token vocabulary.
+    """
+    record: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, output):
+        record["input"], record["output"] = args[0], output
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(**inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not record:
+        raise ValueError(f"{type(module).__name__} did not run in the forward pass of {type(model).__name__}")
+    return record
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editing.hooks import trace_module
+from lm_eval_xke.editing.hooks import module_io
 from lm_eval_xke.editing.model_state import frozen_parameters
 from lm_eval_xke.editing.rewriting import ValueBatch, reference_pass, self_checked, target_nll, value_forward
 from lm_eval_xke.editing.tokens import split_prompt_target
@@ -42,8 +42,7 @@ def compute_key(model, module, batch: ValueBatch) -> tuple[torch.Tensor, torch.T
     """The module's input (the key) and output at the last prompt token, float32, from the prompt alone."""
     position = batch.positions[0]
     input_ids = torch.tensor([batch.rows[0][: position + 1]], device=batch.t_ids.device)
-    with trace_module(module) as record:
-        model(input_ids=input_ids)
+    record = module_io(model, module, input_ids=input_ids)
     return record["input"][0, position].float(), record["output"][0, position].float()
 
 

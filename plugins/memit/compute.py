@@ -16,7 +16,7 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editing.hidden_states import padding_id
-from lm_eval_xke.editing.hooks import device_of, trace_module
+from lm_eval_xke.editing.hooks import device_of, module_io
 from lm_eval_xke.editing.tokens import fact_token_index, pad_right
 from lm_eval_xke.editors import WeightDelta
 
@@ -45,9 +45,7 @@ def compute_ks(
             texts.append(template.format(request.prompt))
             positions.append(fact_token_index(tokenizer, template, request.prompt, request.subject, fact_token))
     input_ids, mask = pad_right([tokenizer(t)["input_ids"] for t in texts], padding_id(tokenizer), device_of(model))
-    with trace_module(module) as record:
-        model(input_ids=input_ids, attention_mask=mask)
-    inputs = record["input"]
+    inputs = module_io(model, module, input_ids=input_ids, attention_mask=mask)["input"]
     rows = torch.arange(len(texts), device=inputs.device)
     keys = inputs[rows, torch.tensor(positions, device=inputs.device)].float()
     group_means = [part.mean(1) for part in keys.view(len(requests), len(templates), -1).split(list(groups), dim=1)]
@@ -60,9 +58,8 @@ def residual_at_fact(model, tokenizer, block, requests: Sequence[EditRequest], f
     positions = [fact_token_index(tokenizer, "{}", r.prompt, r.subject, fact_token) for r in requests]
     encoded = [tokenizer(r.prompt)["input_ids"] for r in requests]
     input_ids, mask = pad_right(encoded, padding_id(tokenizer), device_of(model))
-    with trace_module(block) as record:
-        model(input_ids=input_ids, attention_mask=mask)
-    hidden = record["output"][0] if isinstance(record["output"], tuple) else record["output"]
+    output = module_io(model, block, input_ids=input_ids, attention_mask=mask)["output"]
+    hidden = output[0] if isinstance(output, tuple) else output
     rows = torch.arange(len(requests), device=hidden.device)
     return hidden[rows, torch.tensor(positions, device=hidden.device)].float()
 

@@ -13,7 +13,7 @@ import torch
 
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editing.hidden_states import padding_id
-from lm_eval_xke.editing.hooks import device_of, trace_module
+from lm_eval_xke.editing.hooks import device_of, module_io
 from lm_eval_xke.editing.tokens import fact_token_index, pad_right
 from lm_eval_xke.editors import WeightDelta
 
@@ -30,9 +30,7 @@ def compute_k(
     texts = [t.format(request.prompt) for t in templates]
     positions = [fact_token_index(tokenizer, t, request.prompt, request.subject, fact_token) for t in templates]
     input_ids, mask = pad_right([tokenizer(x)["input_ids"] for x in texts], padding_id(tokenizer), device_of(model))
-    with trace_module(module) as record:
-        model(input_ids=input_ids, attention_mask=mask)
-    inputs = record["input"]
+    inputs = module_io(model, module, input_ids=input_ids, attention_mask=mask)["input"]
     keys = inputs[torch.arange(len(texts), device=inputs.device), torch.tensor(positions, device=inputs.device)]
     return keys.float().mean(0)
 

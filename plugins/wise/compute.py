@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from lm_eval_xke.cases import EditRequest
-from lm_eval_xke.editing.hooks import trace_module
+from lm_eval_xke.editing.hooks import module_io
 from lm_eval_xke.editing.rewriting import ValueBatch
 from lm_eval_xke.editing.tokens import pad_right, split_prompt_target
 
@@ -126,9 +126,7 @@ def build_edit_batch(tokenizer, requests: Sequence[EditRequest], templates: Sequ
 def module_inputs(model, module, rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's input at every position of ``rows`` (right-padded) and the ``[rows, tokens]`` real-token mask."""
     input_ids, mask = pad_right(rows, pad_id, next(model.parameters()).device)
-    with trace_module(module) as record:
-        model(input_ids=input_ids, attention_mask=mask)
-    return record["input"], mask.float()
+    return module_io(model, module, input_ids=input_ids, attention_mask=mask)["input"], mask.float()
 
 
 def aligned_forward(model, batch: ValueBatch, pad_id: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
