@@ -8,8 +8,6 @@ Every other request passes through to the backend unedited, so ordinary tasks ru
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import logging
 import time
@@ -22,7 +20,8 @@ from lm_eval.api.model import LM
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from lm_eval_xke.cases import EditCase, Question
+from lm_eval_xke.cases import EditCase
+from lm_eval_xke.edit_run import CaseWork, EditOutcome, EditRun
 from lm_eval_xke.edit_set import (
     EDIT_SET_MODE_SEMANTICS,
     EditSetSpec,
@@ -31,11 +30,10 @@ from lm_eval_xke.edit_set import (
     load_edit_cases,
 )
 from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, EditPlan, hparam_fields
-from lm_eval_xke.failed_edits import failed_answer, non_finite_reason
+from lm_eval_xke.failed_edits import non_finite_reason
 from lm_eval_xke.journal import (
     CaseEntry,
     Journal,
-    JournalError,
     digest,
     journal_enabled,
     journal_identity,
@@ -50,37 +48,6 @@ log = logging.getLogger("lm_eval.models.xke")
 
 #: failed edits listed by name in the results (all of them are counted)
 LISTED_FAILURES = 100
-
-
-@dataclass
-class _CaseWork:
-    """The requests of one edit case inside one call: positions in the call's request list."""
-
-    case: EditCase
-    positions: list[int] = field(default_factory=list)
-    key: tuple[str, int] = ("", -1)  # (task name, doc id)
-    inputs: str = ""  # hash of the case and its prompts, set once all positions are known
-
-    def positions_in(self, requests: Sequence, phase: str) -> list[int]:
-        return [p for p in self.positions if self.case.questions[requests[p].idx].phase == phase]
-
-    def journaled_positions(self, requests: Sequence) -> list[int]:
-        """The requests whose answers the journal keeps: all but the ``final`` ones (asked after the last edit)."""
-        return [p for p in self.positions if self.case.questions[requests[p].idx].phase != "final"]
-
-    def inputs_digest(self, requests: Sequence) -> str:
-        """Hash of everything this case's answers depend on besides the run's settings: the case and the prompts."""
-        prompts = [[requests[p].idx, requests[p].args] for p in self.positions]
-        return digest({"case": self.case.to_doc(), "requests": prompts})
-
-
-@dataclass
-class _EditOutcome:
-    """One editor call: the applied edit, or ``None`` and why it failed (the model is then restored)."""
-
-    edit: AppliedEdit | None
-    seconds: float
-    failure: str | None = None
 
 
 class XKELM(LM):
@@ -155,7 +122,7 @@ class XKELM(LM):
                 "launch), or use edit_mode=single or edit_mode=batch."
             )
         # backends that answer many edits in one call are told, per request, which edits it is answered under
-        self._answers_per_edit = getattr(self.backend, "answers_per_edit", False)
+        self.answers_per_edit = getattr(self.backend, "answers_per_edit", False)
         self.editor: Editor = args.editor_cls()
         self.traced: dict[str, dict] = {}  # layers=auto: per hyper-parameter, the causal trace that chose it
         self.hparams = self._resolve_hparams(editor_config, args.overrides, preset)
@@ -170,7 +137,7 @@ class XKELM(LM):
         self.on_edit_failure = on_edit_failure
         self._backend_args = args.backend_kwargs
         self._weights = weights_fingerprint(self.backend.model)  # of the unedited model: journal identity, results
-        self._run = _RunRecord()
+        self.run_record = _RunRecord()
         self._held: list[AppliedEdit] = []  # the edit set's edits, applied until the process ends
         self._edit_set: dict[str, Any] | None = None  # what the results record of them
         if args.held is not None:
@@ -268,7 +235,7 @@ class XKELM(LM):
             "edit_set": self._edit_set,
             # teacher-forced F1 counts token ids of this tokenizer (the evaluated model's own)
             "f1_tokenizer": self.tokenizer_name,
-            **self._run.summary(),
+            **self.run_record.summary(),
             "editor_report": self.editor.report(),
         }
         return info
@@ -311,17 +278,7 @@ class XKELM(LM):
         torch.manual_seed(self.seed)
         journal = self._open_journal(requests, works)
         try:
-            done = self._answer_from_journal(requests, works, journal, results)
-            pre = [p for w in works if w.key not in done for p in w.positions_in(requests, "pre")]
-            if self.edit_mode != "sequential" and self._answers_per_edit:
-                self._run_deferred(requests, works, pre, answer, results, journal, done)
-                return results
-            self._answer_positions(requests, pre, answer, results)
-            if self.edit_mode == "sequential":
-                ordered = interleaved(works) if self.edit_order == "interleave" else works
-                self._run_sequential(requests, ordered, answer, results, journal, done)
-            else:
-                self._run_chunks(requests, works, answer, results, journal, done)
+            EditRun(self, requests, works, answer, results, journal).run()
         finally:
             if journal is not None:
                 journal.close()
@@ -354,19 +311,19 @@ class XKELM(LM):
     def _answer_plain(self, instances: list, passthrough: Callable, answer: Callable) -> list:
         """Ordinary lm-eval requests: the backend's own path (the HF model, edited in place while an edit set is
         held), or, for a backend that answers per edit (vLLM) while an edit set is held, under the held edits."""
-        if not (self._held and self._answers_per_edit):
+        if not (self._held and self.answers_per_edit):
             return passthrough(instances)
         return [without_readout(out) for out in answer(instances, [tuple(self._held)] * len(instances))]
 
     def _hold_edit_set(self, spec: EditSetSpec, mode: str, include_path: str | None) -> None:
         """Apply the edit set's cases (one call, or one per case on top of the last) and record what was held."""
         cases = load_edit_cases(spec, self.task_options, include_path)
-        works = [_CaseWork(case, key=(spec.task, spec.offset + i)) for i, case in enumerate(cases)]
+        works = [CaseWork(case, key=(spec.task, spec.offset + i)) for i, case in enumerate(cases)]
         chunks = [works] if mode == "batch" else [[work] for work in works]
         model = self.backend.model
         log.info("xke edit_set %s: %d cases, %s, editor %s", spec, len(works), mode, self.editor.name)
         for chunk in tqdm(chunks, desc=f"xke edit_set {self.editor.name} {mode}"):
-            outcome = self._apply(chunk)
+            outcome = self.apply_edit(chunk)
             if outcome.edit is not None and outcome.edit.rewrites_prompts:
                 outcome.edit.restore()
                 raise EditorError(
@@ -375,7 +332,7 @@ class XKELM(LM):
                 )
             if outcome.edit is not None:
                 self._held.append(outcome.edit)
-        failed = sum(w.key in self._run.failures for w in works)
+        failed = sum(w.key in self.run_record.failures for w in works)
         self._edit_set = {
             "task": spec.task,
             "count": spec.count,
@@ -388,105 +345,15 @@ class XKELM(LM):
             "n_edits": len(works),
             "n_held": len(works) - failed,
             "n_failed": failed,
-            "seconds": round(sum(self._run.edit_seconds), 3),
+            "seconds": round(sum(self.run_record.edit_seconds), 3),
             "weights_edited": edited_fingerprint(model, self._held),
         }
 
-    def _chunks(self, works: list[_CaseWork]) -> list[list[_CaseWork]]:
+    def chunks(self, works: list[CaseWork]) -> list[list[CaseWork]]:
         """The cases of each editor call, in dataset order (one per call outside batch mode)."""
         return [works[i : i + self.edit_batch_size] for i in range(0, len(works), self.edit_batch_size)]
 
-    def _run_chunks(
-        self, requests: list, works: list[_CaseWork], answer: Callable, results: list, journal, done: dict
-    ) -> None:
-        """single/batch: per chunk, edit the clean model, answer the post questions, restore, journal the cases."""
-        for chunk in tqdm(self._chunks(works), desc=f"xke {self.editor.name} edits"):
-            if all(w.key in done for w in chunk):
-                continue
-            self._plan_ahead(works, chunk, done)
-            outcome = self._apply(chunk)
-            post = [p for w in chunk for p in w.positions_in(requests, "post")]
-            if outcome.edit is None:
-                self._fail_positions(requests, post, results, outcome.failure)
-            else:
-                try:
-                    self._answer_positions(requests, post, answer, results, [outcome.edit])
-                finally:
-                    outcome.edit.restore()
-            self._journal(journal, requests, chunk, results, outcome)
-
-    def _run_deferred(
-        self, requests: list, works: list[_CaseWork], pre: list[int], answer: Callable, results: list, journal, done
-    ) -> None:
-        """The fast path of backends that answer many edits at once (vLLM: one LoRA adapter per edit).
-
-        Every chunk is edited and restored first, its :class:`AppliedEdit` (deltas, prompt transform) kept; then the
-        pre questions and every chunk's post questions go to the backend in one call. An edit the backend cannot
-        replay after its restore (a memory editor's hooks) has its questions answered while it is applied. The
-        journal gets the cases once every answer is in.
-        """
-        groups: list[tuple[list[int], tuple[AppliedEdit, ...]]] = [(pre, ())]
-        finished: list[tuple[list[_CaseWork], _EditOutcome]] = []
-        for chunk in tqdm(self._chunks(works), desc=f"xke {self.editor.name} edits"):
-            if all(w.key in done for w in chunk):
-                continue
-            self._plan_ahead(works, chunk, done)
-            outcome = self._apply(chunk)
-            finished.append((chunk, outcome))
-            post = [p for w in chunk for p in w.positions_in(requests, "post")]
-            if outcome.edit is None:
-                self._fail_positions(requests, post, results, outcome.failure)
-                continue
-            try:
-                if self.backend.can_serve(outcome.edit):
-                    groups.append((post, (outcome.edit,)))
-                else:
-                    self._answer_positions(requests, post, answer, results, [outcome.edit])
-            finally:
-                outcome.edit.restore()
-        self._answer_groups(requests, groups, answer, results)
-        for chunk, outcome in finished:
-            self._journal(journal, requests, chunk, results, outcome)
-
-    def _run_sequential(
-        self, requests: list, works: list[_CaseWork], answer: Callable, results: list, journal, done: dict
-    ) -> None:
-        """Edits accumulate in order; each case is answered right after its own edit, every case again after the
-        last edit (``final`` questions: the forgetting curve); all edits are restored at the end, newest first.
-
-        A case finished in the journal is edited again (the later edits build on it) but not asked again; one
-        whose edit failed is skipped, as it was. A failed edit's questions, final ones included, score as failures.
-        """
-        edits: list[AppliedEdit] = []
-        failed: dict[tuple[str, int], str] = {}
-        try:
-            for work in tqdm(works, desc=f"xke {self.editor.name} sequential edits"):
-                entry = done.get(work.key)
-                if entry is not None and entry.edit.get("failed"):
-                    self._run.note_journaled(work.key, entry)
-                    failed[work.key] = entry.edit["failed"]
-                    continue
-                outcome = self._apply([work])
-                post = work.positions_in(requests, "post")
-                if outcome.edit is None:
-                    failed[work.key] = outcome.failure
-                    self._fail_positions(requests, post, results, outcome.failure)
-                else:
-                    edits.append(outcome.edit)
-                    if entry is None:
-                        self._answer_positions(requests, post, answer, results, edits)
-                if entry is None:
-                    self._journal(journal, requests, [work], results, outcome)
-            final = [p for w in works if w.key not in failed for p in w.positions_in(requests, "final")]
-            self._answer_positions(requests, final, answer, results, edits)
-            for work in works:
-                if work.key in failed:
-                    self._fail_positions(requests, work.positions_in(requests, "final"), results, failed[work.key])
-        finally:
-            for edit in reversed(edits):
-                edit.restore()
-
-    def _apply(self, chunk: list[_CaseWork]) -> _EditOutcome:
+    def apply_edit(self, chunk: list[CaseWork]) -> EditOutcome:
         """One editor call for the chunk's requests. A failed edit is undone and recorded (``on_edit_failure=skip``)
         or ends the run (``stop``); an :class:`EditorError` (a configuration problem) always ends it."""
         model = self.backend.model
@@ -514,10 +381,10 @@ class XKELM(LM):
         if reason is not None:
             edit.restore()
             return self._failed(chunk, seconds, reason)
-        self._run.edit_seconds.append(seconds)
-        return _EditOutcome(edit, seconds)
+        self.run_record.edit_seconds.append(seconds)
+        return EditOutcome(edit, seconds)
 
-    def _plan_ahead(self, works: list[_CaseWork], chunk: list[_CaseWork], done: dict) -> None:
+    def plan_ahead(self, works: list[CaseWork], chunk: list[CaseWork], done: dict) -> None:
         """``edit_parallel`` > 1: plan this case's edit with the next pending cases' against the clean model; each
         case's editor call then applies its plan, and the planning time is split evenly over the cases. A planning
         error leaves the cases to their own editor calls, where a failure is handled case by case."""
@@ -540,8 +407,8 @@ class XKELM(LM):
         share = (time.perf_counter() - started) / len(group)
         self._plans = {w.key: (plan, share) for w, plan in zip(group, plans, strict=True)}
 
-    def _failed(self, chunk: list[_CaseWork], seconds: float, reason: str) -> _EditOutcome:
-        self._run.edit_seconds.append(seconds)
+    def _failed(self, chunk: list[CaseWork], seconds: float, reason: str) -> EditOutcome:
+        self.run_record.edit_seconds.append(seconds)
         cases = ", ".join(f"{task} doc {doc_id}" for task, doc_id in (w.key for w in chunk))
         if self.on_edit_failure == "stop":
             raise EditorError(
@@ -550,17 +417,12 @@ class XKELM(LM):
             )
         log.warning("xke: the edit of %s failed (%s); its questions are scored as failures", cases, reason)
         for work in chunk:
-            self._run.failures[work.key] = reason
-        return _EditOutcome(None, seconds, reason)
-
-    @staticmethod
-    def _fail_positions(requests: list, positions: list[int], results: list, reason: str | None) -> None:
-        for p in positions:
-            results[p] = failed_answer(requests[p].request_type, requests[p].args, reason or "failed edit")
+            self.run_record.failures[work.key] = reason
+        return EditOutcome(None, seconds, reason)
 
     # ------------------------------------------------------------ journal
 
-    def _open_journal(self, requests: list, works: list[_CaseWork]) -> Journal | None:
+    def _open_journal(self, requests: list, works: list[CaseWork]) -> Journal | None:
         if not journal_enabled(self.journal_setting):
             return None
         identity = self._journal_identity(requests, works)
@@ -568,10 +430,10 @@ class XKELM(LM):
         if self.world_size > 1:  # sharded: every process journals its own share of the cases
             path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
         journal = Journal(path, identity)
-        self._run.journals.add(str(journal.path))
+        self.run_record.journals.add(str(journal.path))
         return journal
 
-    def _journal_identity(self, requests: list, works: list[_CaseWork]) -> dict[str, Any]:
+    def _journal_identity(self, requests: list, works: list[CaseWork]) -> dict[str, Any]:
         settings = {
             "hparams": self.hparams.to_dict(),
             "edit_mode": self.edit_mode,
@@ -589,85 +451,17 @@ class XKELM(LM):
         request_type = requests[works[0].positions[0]].request_type
         return journal_identity(request_type, type(self.editor), settings, [[*w.key, w.inputs] for w in works])
 
-    def _answer_from_journal(
-        self, requests: list, works: list[_CaseWork], journal: Journal | None, results: list
-    ) -> dict[tuple[str, int], CaseEntry]:
-        """Fill in the answers of journaled cases; the cases done (a batch only when all of its cases are)."""
-        if journal is None or not journal.entries:
-            return {}
-        done: dict[tuple[str, int], CaseEntry] = {}
-        for chunk in self._chunks(works):
-            entries = [journal.get(*w.key, w.inputs) for w in chunk]
-            if any(e is None for e in entries):
-                continue
-            for work, entry in zip(chunk, entries, strict=True):
-                positions = work.journaled_positions(requests)
-                if len(entry.answers) != len(positions):
-                    raise JournalError(
-                        f"journal {journal.path} holds {len(entry.answers)} answers for {work.key}, this run asks "
-                        f"{len(positions)}; delete the file or pass journal=off to start fresh"
-                    )
-                for p, out in zip(positions, entry.answers, strict=True):
-                    results[p] = out
-                done[work.key] = entry
-                if self.edit_mode != "sequential":  # sequential runs edit journaled cases again (and time them)
-                    self._run.note_journaled(work.key, entry)
-        log.info("xke journal %s: %d of %d cases answered from it", journal.path, len(done), len(works))
-        return done
-
-    def _journal(self, journal: Journal | None, requests: list, chunk: list[_CaseWork], results: list, outcome):
-        """Append the chunk's cases not yet journaled; the editor call's seconds go with its first case."""
-        if journal is None:
-            return
-        journal.append(
-            CaseEntry(
-                task=work.key[0],
-                doc_id=work.key[1],
-                inputs=work.inputs,
-                answers=[results[p] for p in work.journaled_positions(requests)],
-                edit={"seconds": outcome.seconds if i == 0 else None, "failed": outcome.failure},
-            )
-            for i, work in enumerate(chunk)
-            if work.key not in journal.finished
-        )
-
-    def _answer_positions(
-        self, requests: list, positions: list[int], answer: Callable, results: list, edits: Sequence[AppliedEdit] = ()
-    ) -> None:
-        """Answer the requests at ``positions`` in one call; a repeated position (lm-eval repeats/padding) once."""
-        self._answer_groups(requests, [(positions, tuple(edits))], answer, results)
-
-    def _answer_groups(
-        self, requests: list, groups: Sequence[tuple[list[int], tuple[AppliedEdit, ...]]], answer: Callable, results
-    ) -> None:
-        """Answer every group's positions, each under its edits, in one backend call."""
-        positions, instances, under = [], [], []
-        for group_positions, edits in groups:
-            for p in dict.fromkeys(group_positions):
-                instance = requests[p]
-                for edit in edits:  # prompt editors (IKE) rewrite the prompt; weight editors leave it alone
-                    if edit.rewrites_prompts:
-                        instance = _with_context(instance, edit.rewrite(instance.args[0], _question(instance)))
-                positions.append(p)
-                instances.append(instance)
-                under.append(edits)
-        if not instances:
-            return
-        answers = answer(instances, under) if self._answers_per_edit else answer(instances)
-        for p, out in zip(positions, answers, strict=True):
-            results[p] = out
-
-    def _group_cases(self, requests: list) -> list[_CaseWork]:
-        works: dict[tuple[str, int], _CaseWork] = {}
+    def _group_cases(self, requests: list) -> list[CaseWork]:
+        works: dict[tuple[str, int], CaseWork] = {}
         for i, req in enumerate(requests):
             if not _is_edit_request(req):
                 continue
             key = (req.task_name, req.doc_id)
             if key not in works:
-                works[key] = _CaseWork(EditCase.from_doc(req.doc["xke"]), key=key)
+                works[key] = CaseWork(EditCase.from_doc(req.doc["xke"]), key=key)
                 self._check_task_options(req.task_name, works[key].case)
                 self._check_final_phase(req.task_name, works[key].case)
-                self._run.note_case(works[key].case)
+                self.run_record.note_case(works[key].case)
             works[key].positions.append(i)
         for work in works.values():
             work.inputs = work.inputs_digest(requests)
@@ -689,8 +483,8 @@ class XKELM(LM):
         """Tasks add ``final`` questions exactly when they saw ``edit_mode=sequential`` among the model_args."""
         built_for = case.source.get("final_phase")
         if built_for is None:
-            if self.edit_mode == "sequential" and task_name not in self._run.immediate_only:
-                self._run.immediate_only.add(task_name)
+            if self.edit_mode == "sequential" and task_name not in self.run_record.immediate_only:
+                self.run_record.immediate_only.add(task_name)
                 log.warning(
                     "task %s is scored right after each edit only: it asks nothing after the last edit", task_name
                 )
@@ -754,25 +548,3 @@ class _RunRecord:
 def _is_edit_request(request) -> bool:
     doc = getattr(request, "doc", None)
     return isinstance(doc, dict) and bool(doc.get("xke"))
-
-
-def interleaved(works: list[_CaseWork]) -> list[_CaseWork]:
-    """The cases round-robin over their tasks (tasks in first-seen order, each task's cases in dataset order)."""
-    per_task: dict[str, list[_CaseWork]] = {}
-    for work in works:
-        per_task.setdefault(work.key[0], []).append(work)
-    rounds = itertools.zip_longest(*per_task.values())
-    return [work for round_ in rounds for work in round_ if work is not None]
-
-
-def _question(instance) -> Question:
-    """The question an edit-case request asks (lm-eval's ``idx`` numbers the case's questions)."""
-    data = instance.doc["xke"]["questions"][instance.idx]
-    return Question(**{**data, "answers": tuple(data["answers"])})
-
-
-def _with_context(instance, context: str):
-    """A copy of ``instance`` whose first argument (the prompt) is replaced."""
-    clone = copy.copy(instance)
-    clone.arguments = (context, *instance.arguments[1:])
-    return clone
