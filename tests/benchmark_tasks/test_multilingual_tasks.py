@@ -22,7 +22,7 @@ from lm_eval_xke.parallel_cases import parse_test_langs, process_results, table_
 from lm_eval_xke.parallel_data import load_bmike53, load_mzsre
 from lm_eval_xke.tasks import _generate_configs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "templates" / "multilingual_task"
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
 

@@ -2,7 +2,7 @@
 
 In-context editing cannot change a random tiny model's answers (it has no in-context learning to speak of), so the
 tiny-model tests check what IKE controls: the exact prompt each question is asked with, and that nothing else
-changes. ``tests/test_real_editors.py`` checks that the edit lands on a real model (SmolLM2).
+changes. ``tests/editors/test_real_editors.py`` checks that the edit lands on a real model (SmolLM2).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from lm_eval_xke.testing import TINY_MEMIT_HPARAMS, parameter_hashes
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BIN = Path(sys.executable).parent
-TASKS = Path(__file__).parent / "tasks"
+TASKS = Path(__file__).resolve().parents[1] / "tasks"
 LANGS = ("de", "en", "fr", "ja", "zh")
 TINY_ROME = dict(layer=1, context_template_lengths="5", context_templates_per_length=2, clamp_norm_factor=100.0,
                  v_weight_decay=0.0, v_num_grad_steps=10)  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lm_eval import simple_evaluate
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "xke-plugin-example"
 TEMPLATE = REPO / "templates" / "task_template"
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
