@@ -190,6 +190,13 @@ class Editor(ABC):
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Edit ``model`` so that it states every request; return the handle that undoes it."""
 
+    def typed_hparams(self, hparams: HyperParams) -> HyperParams:
+        """``hparams`` if it is of this editor's ``hparams_class``, else an EditorError naming both classes (the
+        first check of every ``check_hparams``)."""
+        if not isinstance(hparams, self.hparams_class):
+            raise EditorError(f"editor '{self.name}' needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
+        return hparams
+
     def plan_parallel(
         self, model, tokenizer, cases: Sequence[Sequence[EditRequest]], hparams: HyperParams
     ) -> list[EditPlan]:

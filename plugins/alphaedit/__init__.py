@@ -35,8 +35,7 @@ class AlphaEditEditor(MemitEditor):
         self._preserved: WeakKeyDictionary = WeakKeyDictionary()  # model -> {module: sum of K_p^T K_p}
 
     def check_hparams(self, model, hparams: HyperParams) -> AlphaEditHyperParams:
-        if not isinstance(hparams, AlphaEditHyperParams):
-            raise EditorError(f"editor 'alphaedit' needs AlphaEditHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.nullspace_threshold <= 0 or hparams.update_l2 < 0:
             raise EditorError("nullspace_threshold must be > 0 and update_l2 >= 0")
         return super().check_hparams(model, hparams)

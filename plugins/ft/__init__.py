@@ -77,8 +77,7 @@ class FtEditor(Editor):
 
     def check_hparams(self, model, hparams: HyperParams) -> FtHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
-        if not isinstance(hparams, FtHyperParams):
-            raise EditorError(f"editor '{self.name}' needs FtHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.optimizer not in OPTIMIZERS:
             raise EditorError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {hparams.optimizer!r}")
         if hparams.num_steps < 1:

@@ -70,8 +70,7 @@ class GraceEditor(Editor):
 
     def check_hparams(self, model, hparams: HyperParams) -> GraceHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
-        if not isinstance(hparams, GraceHyperParams):
-            raise EditorError(f"editor 'grace' needs GraceHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.val_init not in VALUE_INITS:
             raise EditorError(f"val_init must be one of {', '.join(VALUE_INITS)}, got {hparams.val_init!r}")
         if not hparams.eps > 0:

@@ -66,8 +66,7 @@ class IkeEditor(Editor):
 
     def check_hparams(self, hparams: HyperParams) -> IkeHyperParams:
         """Reject settings that cannot work, naming the fix."""
-        if not isinstance(hparams, IkeHyperParams):
-            raise EditorError(f"editor 'ike' needs IkeHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.k < 0:
             raise EditorError(f"k must be >= 0 (0: no retrieved demonstrations), got {hparams.k}")
         ratio = hparams.demo_ratio

@@ -98,8 +98,7 @@ class KnEditor(Editor):
 
     def check_hparams(self, model, hparams: HyperParams) -> KnHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
-        if not isinstance(hparams, KnHyperParams):
-            raise EditorError(f"editor 'kn' needs KnHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         n_layers = model.config.num_hidden_layers
         bad = [layer for layer in hparams.layers if not 0 <= layer < n_layers]
         if bad:

@@ -45,8 +45,7 @@ class LangEditEditor(AlphaEditEditor):
         self._ranks: dict[str, int] = {}  # module -> null-space rank of the call being spread
 
     def check_hparams(self, model, hparams: HyperParams) -> LangEditHyperParams:
-        if not isinstance(hparams, LangEditHyperParams):
-            raise EditorError(f"editor 'langedit' needs LangEditHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if not hparams.blend_corpus_count > 0:
             raise EditorError(
                 f"blend_corpus_count must be > 0 (the corpus's weight N in the covariance update; LangEdit's code "

@@ -54,8 +54,7 @@ class LoraEditor(Editor):
 
     def check_hparams(self, model, hparams: HyperParams) -> LoraHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
-        if not isinstance(hparams, LoraHyperParams):
-            raise EditorError(f"editor 'lora' needs LoraHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.rank < 1:
             raise EditorError(f"rank must be >= 1, got {hparams.rank}")
         if hparams.lora_alpha <= 0:

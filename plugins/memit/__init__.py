@@ -133,8 +133,7 @@ class MemitEditor(RomeEditor):
 
     def check_hparams(self, model, hparams: HyperParams) -> MemitHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
-        if not isinstance(hparams, MemitHyperParams):
-            raise EditorError(f"editor '{self.name}' needs MemitHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         hparams.check()
         if not hparams.layers or sorted(set(hparams.layers)) != list(hparams.layers):
             raise EditorError(f"layers must be distinct and ascending, e.g. 4|5|6|7|8; got {hparams.layers}")

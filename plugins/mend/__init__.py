@@ -16,7 +16,7 @@ from torch import nn
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editing.teacher_forcing import build_edit_batch, target_log_probs
-from lm_eval_xke.editors import AppliedEdit, Editor, EditorError, HyperParams, WeightDelta, apply_weight_deltas
+from lm_eval_xke.editors import AppliedEdit, Editor, HyperParams, WeightDelta, apply_weight_deltas
 from lm_eval_xke.editors import edited_module as checked_module
 from lm_eval_xke.training import LoadedTrainables, RunningNorm, Trainable, TrainRecord
 
@@ -165,8 +165,7 @@ class MendEditor(Editor):
         return apply_weight_deltas(model, deltas, info)
 
     def trainable(self, model, tokenizer, hparams: HyperParams) -> MendTrainable:
-        if not isinstance(hparams, MendHyperParams):
-            raise EditorError(f"editor 'mend' needs MendHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         return self._trained.get(model, tokenizer, hparams.editor_checkpoint)
 
 

@@ -85,8 +85,7 @@ class MikeEditor(Editor):
 
     def check_hparams(self, hparams: HyperParams) -> MikeHyperParams:
         """Reject settings that cannot work, naming the field and the fix."""
-        if not isinstance(hparams, MikeHyperParams):
-            raise EditorError(f"editor 'mike' needs MikeHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.dataset not in DATASET_FILES:
             raise EditorError(
                 f"dataset must be one of {' | '.join(DATASET_FILES)} (the task's BMIKE-53 dataset), got "

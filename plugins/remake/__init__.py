@@ -85,8 +85,7 @@ class RemakeEditor(Editor):
 
     def check_hparams(self, hparams: HyperParams) -> RemakeHyperParams:
         """Reject settings that cannot work, naming the fix."""
-        if not isinstance(hparams, RemakeHyperParams):
-            raise EditorError(f"editor 'remake' needs RemakeHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if hparams.demos not in DEMO_MODES:
             raise EditorError(f"demos must be one of {', '.join(DEMO_MODES)}, got {hparams.demos!r}")
         if hparams.k < 0:

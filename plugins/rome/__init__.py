@@ -139,8 +139,7 @@ class RomeEditor(Editor):
 
     def check_hparams(self, model, hparams: HyperParams) -> RomeHyperParams:
         """Reject settings that cannot work on this model, naming the fix."""
-        if not isinstance(hparams, RomeHyperParams):
-            raise EditorError(f"editor 'rome' needs RomeHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         hparams.check()
         edited_module(model, hparams.module_name, "ROME")
         if hparams.mom2_adjustment:

@@ -125,8 +125,7 @@ class SeracEditor(Editor):
         return AppliedEdit(restore=entry.withdraw, prompt_transform=transform, info=info)
 
     def check_hparams(self, hparams: HyperParams) -> SeracHyperParams:
-        if not isinstance(hparams, SeracHyperParams):
-            raise EditorError(f"editor 'serac' needs SeracHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         if not 0.0 <= hparams.scope_threshold < 1.0:
             raise EditorError(f"scope_threshold must be in [0, 1), got {hparams.scope_threshold}")
         try:

@@ -89,8 +89,7 @@ class WiseEditor(Editor):
 
     def check_hparams(self, model, hparams: HyperParams) -> WiseHyperParams:
         """Reject settings that cannot work, naming the fix."""
-        if not isinstance(hparams, WiseHyperParams):
-            raise EditorError(f"editor 'wise' needs WiseHyperParams, got {type(hparams).__name__}")
+        self.typed_hparams(hparams)
         checks = [
             (0 < hparams.mask_ratio <= 1, f"mask_ratio must be in (0, 1], got {hparams.mask_ratio}"),
             (0 < hparams.merge_density <= 1, f"merge_density must be in (0, 1], got {hparams.merge_density}"),
