@@ -45,6 +45,11 @@ def pyplot():
     return plt
 
 
+def fitted_title(text: str, fig, chars_per_inch: float = 9) -> str:
+    """``text`` wrapped to the figure's width (about ``chars_per_inch`` characters per inch at the title's size)."""
+    return "\n".join(textwrap.wrap(text, int(chars_per_inch * fig.get_figwidth())))
+
+
 def save_figure(fig, plt, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +206,7 @@ def plot_heatmap(matrix: TransferMatrix, output: str | Path) -> Path:
             value = grid[i][j]
             colour = "gray" if math.isnan(value) else "black" if value > 60 else "white"  # NaN: task not run
             ax.text(j, i, _cell(matrix.values[edit][test]), ha="center", va="center", color=colour, fontsize=7)
-    ax.set_title("\n".join(textwrap.wrap(matrix.title, int(9 * width))), fontsize=10)
+    ax.set_title(fitted_title(matrix.title, fig), fontsize=10)
     fig.colorbar(image, ax=ax, label="percent")
     return save_figure(fig, plt, output)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_xke.reporting.plots import pyplot, save_figure
+from lm_eval_xke.reporting.plots import fitted_title, pyplot, save_figure
 from lm_eval_xke.reporting.results import (
     ResultsError,
     find_results_files,
@@ -357,7 +357,7 @@ def plot(comparison: Comparison, metric: str, out: str | Path) -> Path:
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_title(family)
         ax.set_ylabel(f"Δ {metric} (edited - unedited)")
-    fig.suptitle(comparison.title, fontsize=8)
+    fig.suptitle(fitted_title(comparison.title, fig, chars_per_inch=11), fontsize=8)
     return save_figure(fig, plt, out)
 
 
