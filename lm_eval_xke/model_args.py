@@ -91,9 +91,7 @@ def parse_model_args(
     seed = int_arg("seed", seed, minimum=0)
     edit_parallel = check_edit_parallel(edit_parallel, edit_mode, editor_cls)
     if on_edit_failure not in EDIT_FAILURE_POLICIES:
-        raise EditorError(
-            f"on_edit_failure must be one of {', '.join(EDIT_FAILURE_POLICIES)}, got {on_edit_failure!r}"
-        )
+        raise EditorError(f"on_edit_failure must be one of {', '.join(EDIT_FAILURE_POLICIES)}, got {on_edit_failure!r}")
     held = check_edit_set(edit_set, edit_set_mode, edit_set_include_path, editor_cls)
     backend_cls = backend_class(backend)
     overrides, task_options, backend_kwargs = split_model_args(kwargs, editor_cls, backend_cls)

@@ -368,6 +368,7 @@ def tally(
         out[name] = ((total / max(count, 1)).float().cpu(), count)
     return out
 
+
 # ---------------------------------------------------------------- files
 
 

@@ -467,7 +467,7 @@ def add_subcommand(sub) -> None:
     )
     editors = p.add_subparsers(dest="editor", required=True)
     for name in trainable_editors():
-        cls = trainable_editor(name)
+        cls = get_editor(name)
         q = editors.add_parser(name, help=(cls.__doc__ or name).split("\n")[0])
         q.add_argument("--pretrained", required=True, help="HF model folder or name, or an offline model name")
         q.add_argument("--out", required=True, help="output folder; an interrupted run in it resumes")

@@ -256,9 +256,7 @@ def rows_for_model(paths: Sequence[str | Path], model: str | None, protocol: str
         model = models[0]
     chosen = [r for r in rows if r.key[0] == model]
     if not chosen:
-        raise ResultsError(
-            f"pick one model with --model; the {protocol} results hold: {', '.join(models) or 'none'}"
-        )
+        raise ResultsError(f"pick one model with --model; the {protocol} results hold: {', '.join(models) or 'none'}")
     check_columns(chosen)
     return chosen
 

@@ -9,6 +9,7 @@ from lm_eval_xke.editing import templates
 from lm_eval_xke.editors import AtDepth, EditorError, available_editors, get_editor
 from lm_eval_xke.model import XKELM
 from lm_eval_xke.testing import MODEL_SHAPES, load_tiny, save_tiny_model
+from lm_eval_xke.training import is_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,7 +91,7 @@ def test_every_editor_runs_with_its_defaults(editor, shape, shape_dirs, data_dir
     monkeypatch.setenv("XKE_CACHE_DIR", str(tmp_path / "cache"))
     args = simple_parse_args_string(f"editor={editor},pretrained={shape_dirs[shape]},device=cpu")
     run = dict(model="xke", model_args=args, tasks=["bizsre_en"], limit=1.0)
-    if hasattr(get_editor(editor), "train_hparams_class"):
+    if is_trainable(get_editor(editor)):
         with pytest.raises(EditorError, match="needs a trained .*editor_checkpoint=DIR.*lm-eval-xke train"):
             simple_evaluate(**run, task_manager=TaskManager(include_defaults=False, metadata=args))
         return
