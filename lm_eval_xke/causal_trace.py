@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -179,7 +180,7 @@ def traced_layers(model, tokenizer, size: int, data_file: str | None = None) -> 
     """``layers=auto``: the ``size`` consecutive blocks with the largest summed indirect effect on Bi-ZsRE's first
     English prompts (``AUTO_SETTINGS``), with the trace they were read from; cached under the cache folder per
     model weights, data and settings, so a model is traced once."""
-    from lm_eval_xke.data import cache_dir
+    from lm_eval_xke.data import cache_dir, write_atomic
     from lm_eval_xke.journal import digest
     from lm_eval_xke.stats import weights_fingerprint
 
@@ -208,8 +209,7 @@ def traced_layers(model, tokenizer, size: int, data_file: str | None = None) -> 
         "p_corrupted": round(trace.corrupted, 5),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record), encoding="utf-8")
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(record), encoding="utf-8"))
     return record
 
 

@@ -105,6 +105,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Create ``path`` by ``write(temporary_name)`` on a file beside it, then rename that into place: a reader, or a run
+    killed half-way, never sees a partial file (``os.replace`` is atomic within a folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def cache_path(spec: DataFile) -> Path:
     """Where ``spec`` lives (or will be downloaded to) in the user cache."""
     return cache_dir() / "data" / spec.relpath
@@ -154,19 +167,10 @@ def _download(spec: DataFile, url: str, target: Path) -> None:
     """Download, repair and sha-check ``spec``, then move it atomically to ``target``; raise on any failure."""
     raw = _fetch(url, DOWNLOAD_TIMEOUT_S)
     content = spec.repair(raw) if spec.repair else raw
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        got = sha256_of(tmp_name)
-        if got != spec.sha256:
-            raise ValueError(f"downloaded file has sha256 {got}, expected {spec.sha256}; it was deleted")
-        # os.replace is atomic, so a concurrent reader never sees a partial file in the cache.
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    got = hashlib.sha256(content).hexdigest()
+    if got != spec.sha256:
+        raise ValueError(f"downloaded file has sha256 {got}, expected {spec.sha256}; it was not saved")
+    write_atomic(target, lambda tmp: Path(tmp).write_bytes(content))
 
 
 def locate(spec: DataFile, path: str | os.PathLike | None = None) -> Path:

@@ -25,7 +25,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lm_eval_xke.data import write_atomic
 from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editing.tokens import pad_right
 
@@ -427,16 +427,7 @@ def _load_partial(path: Path, key: dict) -> dict | None:
 
 
 def _save(path: Path, payload: dict) -> None:
-    # write to a temp file in the same folder, then rename: readers never see a half-written file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 # ---------------------------------------------------------------- command line

@@ -32,6 +32,7 @@ from weakref import WeakKeyDictionary
 import torch
 from tqdm import tqdm
 
+from lm_eval_xke.data import write_atomic
 from lm_eval_xke.editors import EditorError, HyperParams, available_editors, build_hparams, get_editor
 from lm_eval_xke.stats import weights_fingerprint
 
@@ -346,9 +347,7 @@ def _validate(trainable: Trainable, records: Sequence[TrainRecord], step: int) -
 
 
 def _save_atomic(payload: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 # ---------------------------------------------------------------- the artefact

@@ -131,10 +131,10 @@ def test_download_repairs_verifies_and_caches(monkeypatch, data_dir, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["bizsre_test.json"]  # no temp file left
 
 
-def test_download_with_wrong_sha_is_deleted_and_reported(monkeypatch, tmp_path):
+def test_download_with_wrong_sha_is_not_saved_and_reported(monkeypatch, tmp_path):
     spec = DataFile("x/file.txt", sha256="0" * 64, url="https://example.invalid/file.txt")
     monkeypatch.setattr(data, "_fetch", lambda url, timeout: b"something else")
-    with pytest.raises(DataNotFoundError, match="expected 0000.*deleted"):
+    with pytest.raises(DataNotFoundError, match="expected 0000.*not saved"):
         locate(spec)
     folder = tmp_path / "cache" / "data" / "x"
     assert not folder.exists() or list(folder.iterdir()) == []
@@ -297,3 +297,17 @@ def test_non_utf8_names_file_and_byte(tmp_path):
     path.write_bytes(json.dumps([GOOD_RECORD], ensure_ascii=False).encode("gb18030"))
     with pytest.raises(RecordError, match=r"bizsre_test.json is not UTF-8 text: byte \d+"):
         load_bizsre(path)
+
+
+def test_write_atomic_leaves_no_partial_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "cache" / "trace.json"
+
+    def half_then_fail(tmp: str) -> None:
+        Path(tmp).write_text("{half", encoding="utf-8")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data.write_atomic(target, half_then_fail)
+    assert list(target.parent.iterdir()) == []
+    data.write_atomic(target, lambda tmp: Path(tmp).write_text("{}", encoding="utf-8"))
+    assert [p.name for p in target.parent.iterdir()] == ["trace.json"] and target.read_text() == "{}"
