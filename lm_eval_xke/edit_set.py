@@ -13,10 +13,15 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_eval_xke.cases import EditCase
-from lm_eval_xke.editors import AppliedEdit, EditorError
+from lm_eval_xke.data import sha256_of, write_atomic
+from lm_eval_xke.editors import AppliedEdit, EditorError, WeightDelta, apply_weight_deltas
+from lm_eval_xke.journal import FRESH_START, CaseEntry, Journal, JournalError, digest
+
+if TYPE_CHECKING:
+    from lm_eval_xke.edit_run import CaseWork, EditOutcome
 
 log = logging.getLogger("lm_eval.models.xke")
 
@@ -106,3 +111,82 @@ def data_sources(cases: Sequence[EditCase]) -> list[dict[str, Any]]:
         source = {k: case.source.get(k) for k in ("file", "sha256", "records", "skipped_invalid")}
         seen.setdefault(f"{source['file']}|{source['sha256']}", source)
     return list(seen.values())
+
+
+class HeldSetJournal:
+    """The finished editor calls of a held edit set, so that a run killed while it edits goes on after the last one.
+
+    Each case of a finished call is a line of the run's :class:`~lm_eval_xke.journal.Journal`; the line of a call's
+    first case names a file of the call's weight deltas beside the journal (with its sha256) and the fingerprint of
+    the edited weights after the call (:func:`edited_fingerprint`). A resumed run adds the journaled deltas back in
+    order and checks that fingerprint, so it goes on from the very weights the killed run had, or refuses to.
+    Only editors whose edits are wholly their deltas (``Editor.replayable``) are journaled.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.deltas_dir = journal.path.with_suffix(".deltas")
+
+    def replay(self, model, chunks: Sequence[Sequence[CaseWork]]) -> list[tuple[list[CaseWork], AppliedEdit | None]]:
+        """Apply the journaled calls, the leading ``chunks`` whose every case is journaled; each with its edit
+        (``None``: a failed call, which changed nothing). Raises :class:`JournalError`, with the model restored,
+        when a deltas file is missing or altered or the weights come out other than the journal says."""
+        replayed: list[tuple[list[CaseWork], AppliedEdit | None]] = []
+        last = None
+        try:
+            for chunk in chunks:
+                entries = [self.journal.get(*w.key, case_inputs(w.case)) for w in chunk]
+                if any(e is None for e in entries):
+                    break
+                last = entries[0]
+                replayed.append((list(chunk), self._reapply(model, last) if "deltas" in last.edit else None))
+            held = [edit for _, edit in replayed if edit is not None]
+            if last is not None and edited_fingerprint(model, held) != last.edit["weights_after"]:
+                raise JournalError(
+                    f"adding back the {len(replayed)} editor call(s) journaled in {self.journal.path} did not give the "
+                    f"weights that run had (another torch or device?). {FRESH_START}"
+                )
+        except BaseException:
+            for _, edit in reversed(replayed):
+                if edit is not None:
+                    edit.restore()
+            raise
+        if replayed:
+            log.info("xke edit_set: %d editor call(s) resumed from %s", len(replayed), self.journal.path)
+        return replayed
+
+    def record(self, chunk: Sequence[CaseWork], outcome: EditOutcome, weights_after: str) -> None:
+        """Journal one finished call: its deltas file first, then its cases' lines (the commit point)."""
+        import torch
+
+        edit: dict[str, Any] = {"seconds": outcome.seconds, "weights_after": weights_after}
+        if outcome.failure is not None:
+            edit["failed"] = outcome.failure
+        elif outcome.edit is not None:
+            name = f"{chunk[0].key[1]}.pt"
+            deltas = [{"parameter": d.parameter, "b": d.b, "a": d.a} for d in outcome.edit.deltas]
+            write_atomic(self.deltas_dir / name, lambda tmp: torch.save(deltas, tmp))
+            edit |= {"deltas": name, "deltas_sha256": sha256_of(self.deltas_dir / name)}
+        others = {"failed": outcome.failure} if outcome.failure is not None else {}
+        self.journal.append(
+            CaseEntry(*w.key, case_inputs(w.case), [], edit if i == 0 else {"seconds": None, **others})
+            for i, w in enumerate(chunk)
+        )
+
+    def close(self) -> None:
+        self.journal.close()
+
+    def _reapply(self, model, entry: CaseEntry) -> AppliedEdit:
+        import torch
+
+        path = self.deltas_dir / entry.edit["deltas"]
+        if not path.is_file() or sha256_of(path) != entry.edit["deltas_sha256"]:
+            state = "is missing" if not path.is_file() else "was changed after it was written"
+            raise JournalError(f"{path}, the weight deltas of a journaled editor call, {state}. {FRESH_START}")
+        deltas = [WeightDelta(**d) for d in torch.load(path, map_location="cpu", weights_only=True)]
+        return apply_weight_deltas(model, deltas)
+
+
+def case_inputs(case: EditCase) -> str:
+    """What a held case's journal line is checked against: the hash of the case itself."""
+    return digest(case.to_doc())

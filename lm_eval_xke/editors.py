@@ -185,10 +185,19 @@ class Editor(ABC):
 
     #: Whether ``plan_parallel`` computes several cases' single-mode edits at once (the ``edit_parallel`` model_arg).
     supports_parallel: ClassVar[bool] = False
+    #: Whether an edit is wholly its ``deltas``: no state beside the weights (AlphaEdit's preserved keys, GRACE's
+    #: codebook, FT's dense copy). A held edit set killed half-way then resumes by adding the journaled deltas back.
+    replayable: ClassVar[bool] = False
 
     @abstractmethod
     def apply(self, model, tokenizer, requests: Sequence[EditRequest], hparams: HyperParams) -> AppliedEdit:
         """Edit ``model`` so that it states every request; return the handle that undoes it."""
+
+    def prepare(self, model, tokenizer, hparams: HyperParams) -> None:
+        """Do now, on the model as it is, the per-model work later edits reuse (statistics, context templates). A
+        resumed held edit set calls it before adding its journaled edits back, so that its later edits see what a
+        whole run's saw: the unedited model. Editors that reuse nothing need not override it."""
+        return None  # an optional hook: nothing to do by default
 
     def typed_hparams(self, hparams: HyperParams) -> HyperParams:
         """``hparams`` if it is of this editor's ``hparams_class``, else an EditorError naming both classes (the

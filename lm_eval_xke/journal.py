@@ -155,7 +155,7 @@ class Journal:
         if entry is not None and entry.inputs != inputs:
             raise JournalError(
                 f"journal {self.path} holds task {task} doc {doc_id} with other inputs than this run's (the prompt "
-                f"or the edit case changed). {_FRESH_START}"
+                f"or the edit case changed). {FRESH_START}"
             )
         return entry
 
@@ -189,7 +189,7 @@ class Journal:
                     return good_bytes
                 raise JournalError(
                     f"journal {self.path} is corrupt at line {number} (not the last line, so not a torn write). "
-                    f"{_FRESH_START}"
+                    f"{FRESH_START}"
                 )
             if number == 1:
                 self._check_header(record)
@@ -204,7 +204,7 @@ class Journal:
 
     def _check_header(self, header: Mapping[str, Any]) -> None:
         if header.get("journal") != "lm_eval_xke" or header.get("format") != FORMAT_VERSION:
-            raise JournalError(f"{self.path} is not an lm_eval_xke journal of format {FORMAT_VERSION}. {_FRESH_START}")
+            raise JournalError(f"{self.path} is not an lm_eval_xke journal of format {FORMAT_VERSION}. {FRESH_START}")
         theirs = header.get("identity") or {}
         differ = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
         if differ:
@@ -213,11 +213,11 @@ class Journal:
             )
             raise JournalError(
                 f"journal {self.path} was written by a run with another configuration ({shown}); it is never reused "
-                f"for a different one. {_FRESH_START}"
+                f"for a different one. {FRESH_START}"
             )
 
 
-_FRESH_START = (
+FRESH_START = (
     "To start fresh, delete or move the file, or pass journal=<another file or folder> (journal=off: no journal)."
 )
 

@@ -25,6 +25,7 @@ from lm_eval_xke.edit_run import CaseWork, EditOutcome, EditRun
 from lm_eval_xke.edit_set import (
     EDIT_SET_MODE_SEMANTICS,
     EditSetSpec,
+    HeldSetJournal,
     data_sources,
     edited_fingerprint,
     load_edit_cases,
@@ -316,22 +317,39 @@ class XKELM(LM):
         return [without_readout(out) for out in answer(instances, [tuple(self._held)] * len(instances))]
 
     def _hold_edit_set(self, spec: EditSetSpec, mode: str, include_path: str | None) -> None:
-        """Apply the edit set's cases (one call, or one per case on top of the last) and record what was held."""
+        """Apply the edit set's cases (one call, or one per case on top of the last) and record what was held; with
+        a replayable editor, every finished call is journaled and a rerun of a killed run resumes after the last."""
         cases = load_edit_cases(spec, self.task_options, include_path)
         works = [CaseWork(case, key=(spec.task, spec.offset + i)) for i, case in enumerate(cases)]
         chunks = [works] if mode == "batch" else [[work] for work in works]
         model = self.backend.model
         log.info("xke edit_set %s: %d cases, %s, editor %s", spec, len(works), mode, self.editor.name)
-        for chunk in tqdm(chunks, desc=f"xke edit_set {self.editor.name} {mode}"):
-            outcome = self.apply_edit(chunk)
-            if outcome.edit is not None and outcome.edit.rewrites_prompts:
-                outcome.edit.restore()
-                raise EditorError(
-                    f"editor '{self.editor.name}' edits the prompt of each question, not the model: it cannot hold an "
-                    "edit set for ordinary tasks. Use a weight or memory editor (e.g. memit, rome, grace)."
-                )
-            if outcome.edit is not None:
-                self._held.append(outcome.edit)
+        journal = self._open_held_journal(spec, mode, include_path, cases)
+        try:
+            if journal is not None:  # before any edit is added back: the per-model work a whole run did on it
+                self.editor.prepare(model, self.backend.tokenizer, self.hparams)
+            done = journal.replay(model, chunks) if journal is not None else []
+            for chunk, edit in done:
+                for work in chunk:
+                    self.run_record.note_journaled(work.key, journal.journal.entries[work.key])
+                if edit is not None:
+                    self._held.append(edit)
+            progress = dict(desc=f"xke edit_set {self.editor.name} {mode}", initial=len(done), total=len(chunks))
+            for chunk in tqdm(chunks[len(done) :], **progress):  # the journaled calls are the leading ones
+                outcome = self.apply_edit(chunk)
+                if outcome.edit is not None and outcome.edit.rewrites_prompts:
+                    outcome.edit.restore()
+                    raise EditorError(
+                        f"editor '{self.editor.name}' edits the prompt of each question, not the model: it cannot "
+                        "hold an edit set for ordinary tasks. Use a weight or memory editor (e.g. memit, rome, grace)."
+                    )
+                if outcome.edit is not None:
+                    self._held.append(outcome.edit)
+                if journal is not None:
+                    journal.record(chunk, outcome, edited_fingerprint(model, self._held))
+        finally:
+            if journal is not None:
+                journal.close()
         failed = sum(w.key in self.run_record.failures for w in works)
         self._edit_set = {
             "task": spec.task,
@@ -347,6 +365,7 @@ class XKELM(LM):
             "n_failed": failed,
             "seconds": round(sum(self.run_record.edit_seconds), 3),
             "weights_edited": edited_fingerprint(model, self._held),
+            "resumed_editor_calls": len(done),
         }
 
     def chunks(self, works: list[CaseWork]) -> list[list[CaseWork]]:
@@ -425,21 +444,38 @@ class XKELM(LM):
     def _open_journal(self, requests: list, works: list[CaseWork]) -> Journal | None:
         if not journal_enabled(self.journal_setting):
             return None
-        identity = self._journal_identity(requests, works)
-        path = journal_path(self.journal_setting, identity)
-        if self.world_size > 1:  # sharded: every process journals its own share of the cases
-            path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
-        journal = Journal(path, identity)
-        self.run_record.journals.add(str(journal.path))
-        return journal
-
-    def _journal_identity(self, requests: list, works: list[CaseWork]) -> dict[str, Any]:
         settings = {
-            "hparams": self.hparams.to_dict(),
+            **self._journal_settings(),
             "edit_mode": self.edit_mode,
             "edit_order": self.edit_order,
             "edit_batch_size": self.edit_batch_size,
             "edit_parallel": self.edit_parallel,
+        }
+        request_type = requests[works[0].positions[0]].request_type
+        cases = [[*w.key, w.inputs] for w in works]
+        return self._journal_at(journal_identity(request_type, type(self.editor), settings, cases))
+
+    def _open_held_journal(
+        self, spec: EditSetSpec, mode: str, include_path: str | None, cases: list[EditCase]
+    ) -> HeldSetJournal | None:
+        """The held edit set's journal, when journaling is on and the editor's edits can be added back."""
+        if not journal_enabled(self.journal_setting):
+            return None
+        if not self.editor.replayable:
+            log.info(
+                "xke edit_set: editor '%s' keeps state beside the weights, so its held edits are not journaled (a "
+                "killed run edits again from the start)",
+                self.editor.name,
+            )
+            return None
+        settings = {**self._journal_settings(), "edit_set": str(spec), "edit_set_mode": mode, "include": include_path}
+        identity = journal_identity("edit_set", type(self.editor), settings, [c.to_doc() for c in cases])
+        return HeldSetJournal(self._journal_at(identity))
+
+    def _journal_settings(self) -> dict[str, Any]:
+        """What every journaled edit depends on besides the editor's code and the cases."""
+        return {
+            "hparams": self.hparams.to_dict(),
             "seed": self.seed,
             "backend": self.backend.name,
             "backend_args": self._backend_args,
@@ -448,8 +484,14 @@ class XKELM(LM):
             "weights": self._weights,
             "task_options": self.task_options,
         }
-        request_type = requests[works[0].positions[0]].request_type
-        return journal_identity(request_type, type(self.editor), settings, [[*w.key, w.inputs] for w in works])
+
+    def _journal_at(self, identity: dict[str, Any]) -> Journal:
+        path = journal_path(self.journal_setting, identity)
+        if self.world_size > 1:  # sharded: every process journals its own share of the cases
+            path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+        journal = Journal(path, identity)
+        self.run_record.journals.add(str(journal.path))
+        return journal
 
     def _group_cases(self, requests: list) -> list[CaseWork]:
         works: dict[tuple[str, int], CaseWork] = {}

@@ -28,6 +28,7 @@ class AlphaEditEditor(MemitEditor):
     hparams_class = AlphaEditHyperParams
     family_defaults = FAMILY_DEFAULTS
     presets = {}  # MEMIT's EasyEdit preset is not AlphaEdit's (its own lambda and null-space settings)
+    replayable = False  # it keeps every edit's keys beside the weights (``remember``)
 
     def __init__(self) -> None:
         super().__init__()

@@ -33,6 +33,7 @@ class KnEditor(Editor):
     """Finds each request's knowledge neurons by integrated gradients and rewrites their value slots."""
 
     name = "kn"
+    replayable = True
     hparams_class = KnHyperParams
     family_defaults = FAMILY_DEFAULTS
     # every request is attributed on the model as given and all updates are added in one go, so the requests

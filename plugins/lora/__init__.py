@@ -25,6 +25,7 @@ class LoraEditor(Editor):
     """Trains rank-``rank`` adapters on ``target_modules`` for all requests at once and merges them as deltas."""
 
     name = "lora"
+    replayable = True
     hparams_class = LoraHyperParams
     family_defaults = FAMILY_DEFAULTS
     supports_batch = True

@@ -154,6 +154,13 @@ class MemitEditor(RomeEditor):
             raise EditorError(f"mom2_corpus: {err}") from None
         return hparams
 
+    def prepare(self, model, tokenizer, hparams: HyperParams) -> None:
+        """Sample the context templates and load every edited layer's ``C_l``, which later edits reuse."""
+        hp = self.check_hparams(model, hparams)
+        with evaluating(model):
+            self.context_templates(model, tokenizer, hp)
+            self.second_moments(model, tokenizer, hp)
+
     def second_moments(self, model, tokenizer, hp: MemitHyperParams) -> dict[str, torch.Tensor]:
         """``C_l`` of every edited module, from the statistics engine (one pass, disk cache), kept per model."""
         key = (tuple(hp.module_names()), hp.mom2_corpus, hp.mom2_n_tokens, hp.mom2_dtype)

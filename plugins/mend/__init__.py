@@ -144,6 +144,7 @@ class MendEditor(Editor):
     """MEND: a trained editor network maps the edit's gradient factors to a low-rank update of the last MLPs."""
 
     name = "mend"
+    replayable = True
     hparams_class = MendHyperParams
     supports_batch = True
     train_hparams_class = MendTrainHyperParams

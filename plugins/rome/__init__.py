@@ -39,6 +39,7 @@ class RomeEditor(Editor):
     """Writes each request with one rank-one update of ``module_template.format(layer)``."""
 
     name = "rome"
+    replayable = True
     hparams_class = RomeHyperParams
     family_defaults = FAMILY_DEFAULTS
     presets = {"easyedit": EASYEDIT_VALUE_PRESET}
@@ -68,6 +69,14 @@ class RomeEditor(Editor):
             restore_all([edit for edit, _ in written])
             raise
         return self.handle(hp, written)
+
+    def prepare(self, model, tokenizer, hparams: HyperParams) -> None:
+        """Sample the context templates and load ``C^-1``, which every later edit of this model reuses."""
+        hp = self.check_hparams(model, hparams)
+        with evaluating(model):
+            self.context_templates(model, tokenizer, hp)
+            if hp.mom2_adjustment:
+                self.inverse_mom2(model, tokenizer, hp)
 
     def plan_parallel(
         self, model, tokenizer, cases: Sequence[Sequence[EditRequest]], hparams: HyperParams

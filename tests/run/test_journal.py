@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -252,3 +252,74 @@ def test_code_identity_covers_borrowed_modules_and_the_version(tmp_path, monkeyp
     assert journal_module.code_digest(memit) == before
     monkeypatch.setattr(journal_module.metadata, "version", lambda name: "9.9.9")
     assert journal_module.code_digest(memit) != before
+
+
+# ---------------------------------------------------------------- a held edit set, killed and resumed
+
+TINY_ROME = dict(layer=1, context_template_lengths="5", context_templates_per_length=2, v_num_grad_steps=5)
+
+
+def held(tiny_llama_dir, data_dir, journal: Path, **args) -> XKELM:
+    return XKELM(
+        pretrained=str(tiny_llama_dir), device="cpu", xke_data_file=str(data_dir), journal=str(journal),
+        **{"editor": "rome", "edit_set": "bizsre_en:3:10", "edit_set_mode": "sequential", **TINY_ROME, **args},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def counted_rome(monkeypatch) -> list:
+    from lm_eval_xke.plugins.rome import RomeEditor
+
+    calls, apply = [], RomeEditor.apply
+    monkeypatch.setattr(RomeEditor, "apply", lambda self, *a: calls.append(1) or apply(self, *a))
+    return calls
+
+
+def test_a_killed_held_edit_set_resumes_to_the_same_weights(tiny_llama_dir, data_dir, tmp_path, counted_rome):
+    from lm_eval_xke.testing import parameter_hashes
+
+    path = tmp_path / "held.jsonl"
+    whole = held(tiny_llama_dir, data_dir, path)
+    assert len(counted_rome) == 3 and len(path.read_text().splitlines()) == 1 + 3
+    assert sorted(p.name for p in path.with_suffix(".deltas").iterdir()) == ["10.pt", "11.pt", "12.pt"]
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))  # killed after the first edit
+
+    resumed = held(tiny_llama_dir, data_dir, path)
+    assert len(counted_rome) == 3 + 2  # the first edit is added back, not computed again
+    assert parameter_hashes(resumed.backend.model) == parameter_hashes(whole.backend.model)
+    record, whole_record = resumed.get_model_info()["xke"]["edit_set"], whole.get_model_info()["xke"]["edit_set"]
+    assert record["resumed_editor_calls"] == 1 and whole_record["resumed_editor_calls"] == 0
+    assert {k: v for k, v in record.items() if k not in ("resumed_editor_calls", "seconds")} == {
+        k: v for k, v in whole_record.items() if k not in ("resumed_editor_calls", "seconds")
+    }
+    assert len(resumed._held) == 3
+
+    held(tiny_llama_dir, data_dir, path)  # a finished set is added back whole
+    assert len(counted_rome) == 5
+
+
+def test_a_held_journal_is_refused_when_its_deltas_or_weights_do_not_match(
+    tiny_llama_dir, data_dir, tmp_path, monkeypatch
+):
+    from lm_eval_xke import edit_set
+
+    path = tmp_path / "held.jsonl"
+    held(tiny_llama_dir, data_dir, path, edit_set="bizsre_en:2:10")
+    deltas = path.with_suffix(".deltas") / "11.pt"
+
+    add = edit_set.apply_weight_deltas  # adds as another torch build might: not bit for bit
+    monkeypatch.setattr(
+        edit_set, "apply_weight_deltas", lambda model, ds: add(model, [replace(d, b=d.b * 1.01) for d in ds])
+    )
+    with pytest.raises(JournalError, match="did not give the weights that run had"):
+        held(tiny_llama_dir, data_dir, path, edit_set="bizsre_en:2:10")
+    monkeypatch.undo()
+
+    deltas.write_bytes(deltas.read_bytes()[:-1] + bytes([deltas.read_bytes()[-1] ^ 0xFF]))
+    with pytest.raises(JournalError, match="11.pt, the weight deltas of a journaled editor call, was changed"):
+        held(tiny_llama_dir, data_dir, path, edit_set="bizsre_en:2:10")
+    deltas.unlink()
+    with pytest.raises(JournalError, match="is missing"):
+        held(tiny_llama_dir, data_dir, path, edit_set="bizsre_en:2:10")
+    with pytest.raises(JournalError, match="another configuration.*hparams"):
+        held(tiny_llama_dir, data_dir, path, edit_set="bizsre_en:2:10", v_num_grad_steps=4)
