@@ -165,6 +165,10 @@ class MendEditor(Editor):
         info = {"method": self.name, "modules": trainable.names, "rank": [d.rank for d in deltas]}
         return apply_weight_deltas(model, deltas, info)
 
+    def prepare(self, model, tokenizer, hparams: HyperParams) -> None:
+        """Load the trained editor, which checks that it was trained on these (unedited) weights."""
+        self.trainable(model, tokenizer, hparams)
+
     def trainable(self, model, tokenizer, hparams: HyperParams) -> MendTrainable:
         self.typed_hparams(hparams)
         return self._trained.get(model, tokenizer, hparams.editor_checkpoint)

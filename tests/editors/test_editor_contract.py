@@ -3,7 +3,8 @@
 On the tiny Llama with each editor's own defaults (the trainable ones after a few training steps): an edit's
 ``restore()`` gives back every parameter bit-exactly, a second ``restore()`` changes nothing, sequential edits
 restored newest first leave the unedited model, gradient flags and train/eval mode come back as they were, batch
-editing works where an editor declares it, and ``plan_parallel`` applies what ``apply`` would where declared.
+editing works where an editor declares it, ``plan_parallel`` applies what ``apply`` would where declared, and a
+``replayable`` edit is wholly its deltas.
 Behaviour specific to a method (does the edit land, what it writes) is tested in that editor's own module.
 """
 
@@ -124,3 +125,29 @@ def test_planned_edits_apply_what_apply_would(name, setting, checkpoints):
         for parameter, dense in want.items():
             error = (got[parameter] - dense).abs().max().item() / dense.abs().max().item()
             assert error < 1e-2, (parameter, error)
+
+
+@pytest.mark.parametrize("name", [n for n in EDITORS if get_editor(n).replayable])
+def test_replayable_edits_are_wholly_their_deltas(name, setting, checkpoints):
+    """What a resumed held edit set relies on: a fresh editor, prepared on the unedited model, with the first edit's
+    deltas added back, makes the second edit of a sequence exactly as the editor that made the first one did."""
+    from lm_eval_xke.editors import apply_weight_deltas
+
+    model, tokenizer = setting
+    editor, hp = editor_and_hparams(name, model, checkpoints)
+    before = parameter_hashes(model)
+    first = editor.apply(model, tokenizer, REQUESTS[:1], hp)
+    second = editor.apply(model, tokenizer, REQUESTS[1:], hp)
+    whole = parameter_hashes(model)
+    second.restore()
+    first.restore()
+    assert first.deltas and parameter_hashes(model) == before
+
+    resumed, _ = editor_and_hparams(name, model, checkpoints)
+    resumed.prepare(model, tokenizer, hp)
+    replayed = apply_weight_deltas(model, first.deltas)
+    later = resumed.apply(model, tokenizer, REQUESTS[1:], hp)
+    assert parameter_hashes(model) == whole
+    later.restore()
+    replayed.restore()
+    assert parameter_hashes(model) == before
