@@ -12,6 +12,10 @@ the edits.
 
     python benchmarks/memit_sweep.py --n-edits 100 --grid "4|5|6|7|8:0.3,1.36" "2|3|4|5|6|7|8:0.3,1.36"
     python benchmarks/memit_sweep.py --n-edits 10 --batch-size 1 --grid "4|5|6|7|8:1.36,0.3"
+
+``--values FILE`` keeps the optimised values on disk (written after each configuration, read back when the model and
+the overrides match), so a later sweep over other lambdas or earlier layers skips the expensive part, and a killed
+sweep loses at most the configuration it was in.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from rome_smollm2 import ROLES, bizsre_instances, case_results, data_dir
 
+from lm_eval_xke.data import write_atomic
 from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editors import register_editor
 from lm_eval_xke.plugins.memit import MemitEditor
@@ -53,6 +59,23 @@ class MemoisedValuesMemit(MemitEditor):
         return edit
 
 
+class ValuesFile:
+    """``--values``: the memoised values on disk, for the model and overrides they were optimised with."""
+
+    def __init__(self, path: str, setting: dict) -> None:
+        self.path, self.setting = Path(path), setting
+        if self.path.is_file():
+            saved = torch.load(self.path, weights_only=False)
+            if saved["setting"] != setting:
+                raise SystemExit(f"--values {path} holds values of {saved['setting']}, not {setting}: use another file")
+            MemoisedValuesMemit.values.update(saved["values"])
+            print(f"{len(saved['values'])} optimised values read from {path}")
+
+    def save(self) -> None:
+        payload = {"setting": self.setting, "values": MemoisedValuesMemit.values}
+        write_atomic(self.path, lambda tmp: torch.save(payload, tmp))
+
+
 def parse_grid(entries: list[str]) -> list[tuple[str, float]]:
     """``"4|5|6|7|8:0.3,1.36"`` -> [("4|5|6|7|8", 0.3), ("4|5|6|7|8", 1.36)]."""
     grid = []
@@ -76,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, prepared offline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="MEMIT hyper-parameter, all runs")
+    parser.add_argument("--values", default=None, help="file of optimised values to reuse and extend (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     register_editor(SWEEP_EDITOR, MemoisedValuesMemit)
@@ -94,6 +118,7 @@ def main() -> None:
     roles = " ".join(f"{r[:3] + ' EM/F1':>12}" for r in ROLES)
     print(f"{'layers':<22} {'lambda/width':>12} {'seconds':>8} {roles} {'left':>5}")
     overrides = dict(o.split("=", 1) for o in args.overrides)
+    values = ValuesFile(args.values, {"model": model, "overrides": overrides}) if args.values else None
     for layers, per_width in parse_grid(args.grid):
         lm = XKELM(
             pretrained=model,
@@ -120,6 +145,8 @@ def main() -> None:
         left = statistics.mean(MemoisedValuesMemit.residual_left)
         row = f"{layers:<22} {per_width:12.2f} {seconds:8.0f} " + " ".join(f"{c:>12}" for c in cells)
         print(f"{row} {left:5.2f}", flush=True)
+        if values is not None:
+            values.save()
     values = list(MemoisedValuesMemit.values.values())
     print(
         f"values: {sum(v.plain_right for v in values)} of {len(values)} make the bare prompt state the whole target "
