@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from rome_smollm2 import ROLES, bizsre_instances, case_results, data_dir
 
-from lm_eval_xke.data import write_atomic
 from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editors import register_editor
 from lm_eval_xke.plugins.memit import MemitEditor
 from lm_eval_xke.plugins.rome.compute_v import compute_values
+from lm_eval_xke.stats import torch_save_atomic
 
 SWEEP_EDITOR = "memit_sweep"
 
@@ -73,7 +73,7 @@ class ValuesFile:
 
     def save(self) -> None:
         payload = {"setting": self.setting, "values": MemoisedValuesMemit.values}
-        write_atomic(self.path, lambda tmp: torch.save(payload, tmp))
+        torch_save_atomic(payload, self.path)
 
 
 def parse_grid(entries: list[str]) -> list[tuple[str, float]]:

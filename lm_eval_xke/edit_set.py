@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lm_eval_xke.cases import EditCase
-from lm_eval_xke.data import sha256_of, write_atomic
+from lm_eval_xke.data import sha256_of
 from lm_eval_xke.editors import AppliedEdit, EditorError, WeightDelta, apply_weight_deltas
 from lm_eval_xke.journal import FRESH_START, CaseEntry, Journal, JournalError, digest
 
@@ -157,21 +157,25 @@ class HeldSetJournal:
 
     def record(self, chunk: Sequence[CaseWork], outcome: EditOutcome, weights_after: str) -> None:
         """Journal one finished call: its deltas file first, then its cases' lines (the commit point)."""
-        import torch
-
         edit: dict[str, Any] = {"seconds": outcome.seconds, "weights_after": weights_after}
         if outcome.failure is not None:
             edit["failed"] = outcome.failure
         elif outcome.edit is not None:
             name = f"{chunk[0].key[1]}.pt"
             deltas = [{"parameter": d.parameter, "b": d.b, "a": d.a} for d in outcome.edit.deltas]
-            write_atomic(self.deltas_dir / name, lambda tmp: torch.save(deltas, tmp))
+            from lm_eval_xke.stats import torch_save_atomic
+
+            torch_save_atomic(deltas, self.deltas_dir / name)
             edit |= {"deltas": name, "deltas_sha256": sha256_of(self.deltas_dir / name)}
         others = {"failed": outcome.failure} if outcome.failure is not None else {}
         self.journal.append(
             CaseEntry(*w.key, case_inputs(w.case), [], edit if i == 0 else {"seconds": None, **others})
             for i, w in enumerate(chunk)
         )
+
+    def entry(self, key: tuple[str, int]) -> CaseEntry:
+        """The journaled line of a replayed case."""
+        return self.journal.entries[key]
 
     def close(self) -> None:
         self.journal.close()

@@ -326,16 +326,9 @@ class XKELM(LM):
         log.info("xke edit_set %s: %d cases, %s, editor %s", spec, len(works), mode, self.editor.name)
         journal = self._open_held_journal(spec, mode, include_path, cases)
         try:
-            if journal is not None:  # before any edit is added back: the per-model work a whole run did on it
-                self.editor.prepare(model, self.backend.tokenizer, self.hparams)
-            done = journal.replay(model, chunks) if journal is not None else []
-            for chunk, edit in done:
-                for work in chunk:
-                    self.run_record.note_journaled(work.key, journal.journal.entries[work.key])
-                if edit is not None:
-                    self._held.append(edit)
-            progress = dict(desc=f"xke edit_set {self.editor.name} {mode}", initial=len(done), total=len(chunks))
-            for chunk in tqdm(chunks[len(done) :], **progress):  # the journaled calls are the leading ones
+            done = self._resume_held(journal, chunks) if journal is not None else 0
+            progress = dict(desc=f"xke edit_set {self.editor.name} {mode}", initial=done, total=len(chunks))
+            for chunk in tqdm(chunks[done:], **progress):  # the journaled calls are the leading ones
                 outcome = self.apply_edit(chunk)
                 if outcome.edit is not None and outcome.edit.rewrites_prompts:
                     outcome.edit.restore()
@@ -365,8 +358,20 @@ class XKELM(LM):
             "n_failed": failed,
             "seconds": round(sum(self.run_record.edit_seconds), 3),
             "weights_edited": edited_fingerprint(model, self._held),
-            "resumed_editor_calls": len(done),
+            "resumed_editor_calls": done,
         }
+
+    def _resume_held(self, journal: HeldSetJournal, chunks: list[list[CaseWork]]) -> int:
+        """Add back the journaled leading calls of a held set and count them as the run that made them did; how many.
+        The editor first does its per-model work on the unedited model, as a whole run did before its first edit."""
+        self.editor.prepare(self.backend.model, self.backend.tokenizer, self.hparams)
+        done = journal.replay(self.backend.model, chunks)
+        for chunk, edit in done:
+            for work in chunk:
+                self.run_record.note_journaled(work.key, journal.entry(work.key))
+            if edit is not None:
+                self._held.append(edit)
+        return len(done)
 
     def chunks(self, works: list[CaseWork]) -> list[list[CaseWork]]:
         """The cases of each editor call, in dataset order (one per call outside batch mode)."""

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -289,7 +290,8 @@ def key_statistics(
             )  # fmt: skip
             for name in missing:
                 mom2, count = tallied[name]
-                _save(_cache_path(root, keys[name]), {"key": keys[name], "count": count, **_with_checksum(mom2)})
+                payload = {"key": keys[name], "count": count, **_with_checksum(mom2)}
+                torch_save_atomic(payload, _cache_path(root, keys[name]))
                 found[name] = mom2
         for name in modules:
             result[name] = result[name] + source.weight * found[name]
@@ -350,7 +352,7 @@ def tally(
                 count, doc = count + taken, doc + len(texts)
                 bar.update(taken)
                 if time.monotonic() - last_save > checkpoint_seconds:
-                    _save(partial, {"key": partial_key, "next_doc": doc, "count": count, "sums": sums})
+                    torch_save_atomic({"key": partial_key, "next_doc": doc, "count": count, "sums": sums}, partial)
                     last_save = time.monotonic()
         finally:
             bar.close()
@@ -370,6 +372,11 @@ def tally(
 
 
 # ---------------------------------------------------------------- files
+
+
+def torch_save_atomic(payload: Any, path: Path) -> None:
+    """``torch.save`` through :func:`~lm_eval_xke.data.write_atomic` (statistics, checkpoints, journaled deltas)."""
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _with_checksum(mom2: torch.Tensor) -> dict:
@@ -424,10 +431,6 @@ def _load_partial(path: Path, key: dict) -> dict | None:
         return None
     log.info("resuming key statistics from %s (%d tokens done)", path, payload["count"])
     return payload
-
-
-def _save(path: Path, payload: dict) -> None:
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 # ---------------------------------------------------------------- command line

@@ -32,9 +32,8 @@ from weakref import WeakKeyDictionary
 import torch
 from tqdm import tqdm
 
-from lm_eval_xke.data import write_atomic
 from lm_eval_xke.editors import EditorError, HyperParams, available_editors, build_hparams, get_editor
-from lm_eval_xke.stats import weights_fingerprint
+from lm_eval_xke.stats import torch_save_atomic, weights_fingerprint
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -308,7 +307,7 @@ def train(
             _validate(trainable, val_records, state["step"])
         if state["step"] % hp.checkpoint_every == 0 and state["step"] < hp.steps:
             state["seconds"] = time.perf_counter() - started
-            _save_atomic(
+            torch_save_atomic(
                 {
                     "trainable": trainable.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -344,10 +343,6 @@ def _validate(trainable: Trainable, records: Sequence[TrainRecord], step: int) -
         trainable.train()
     tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()))
     return validation
-
-
-def _save_atomic(payload: Any, path: Path) -> None:
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 # ---------------------------------------------------------------- the artefact
@@ -392,7 +387,7 @@ def save_artefact(
             "peak_memory_mb": round(peak_memory_mb(), 1),
         },
     }
-    _save_atomic(trainable.state_dict(), out / WEIGHTS_FILE)
+    torch_save_atomic(trainable.state_dict(), out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return config
