@@ -19,7 +19,7 @@ from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editing.hooks import device_of
 from lm_eval_xke.editing.model_state import evaluating
 from lm_eval_xke.editors import AppliedEdit, EditorError, EditPlan, HyperParams, apply_weight_deltas
-from lm_eval_xke.plugins.rome import RomeEditor, merge_deltas, restore_all
+from lm_eval_xke.plugins.rome import RomeEditor, restore_all
 from lm_eval_xke.plugins.rome.compute_v import ValueSolution, compute_values
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 
@@ -117,7 +117,7 @@ class MemitEditor(RomeEditor):
         }
         return AppliedEdit(
             restore=lambda: restore_all(applied),
-            deltas=merge_deltas([d for a in applied for d in a.deltas]),
+            deltas=[d for a in applied for d in a.deltas],
             info=info,
         )
 

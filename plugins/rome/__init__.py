@@ -21,7 +21,6 @@ from lm_eval_xke.editors import (
     EditorError,
     EditPlan,
     HyperParams,
-    WeightDelta,
     apply_weight_deltas,
     edited_module,
 )
@@ -125,11 +124,12 @@ class RomeEditor(Editor):
         return edit, record
 
     def handle(self, hp: RomeHyperParams, written: Sequence[tuple[AppliedEdit, dict]]) -> AppliedEdit:
-        """One handle for the written requests: restores them all, exposes their deltas merged per weight."""
+        """One handle for the written requests: restores them all, exposes their deltas in the order they were added
+        (added back in that order they give the very same weights; merged they would round differently)."""
         applied = [edit for edit, _ in written]
         return AppliedEdit(
             restore=lambda: restore_all(applied),
-            deltas=merge_deltas([d for a in applied for d in a.deltas]),
+            deltas=[d for a in applied for d in a.deltas],
             info={"method": self.name, "module": hp.module_name, "requests": [record for _, record in written]},
         )
 
@@ -168,17 +168,6 @@ class RomeEditor(Editor):
             )[hp.module_name]
             per_model[key] = inverse_second_moment(mom2).to(model.get_submodule(hp.module_name).weight.device)
         return per_model[key]
-
-
-def merge_deltas(deltas: Sequence[WeightDelta]) -> list[WeightDelta]:
-    """One delta per parameter: rank-one deltas of the same weight stack into one rank-k ``b @ a``."""
-    grouped: dict[str, list[WeightDelta]] = {}
-    for delta in deltas:
-        grouped.setdefault(delta.parameter, []).append(delta)
-    return [
-        WeightDelta(parameter=name, b=torch.cat([d.b for d in group], dim=1), a=torch.cat([d.a for d in group], dim=0))
-        for name, group in grouped.items()
-    ]
 
 
 def restore_all(applied: Sequence[AppliedEdit]) -> None:

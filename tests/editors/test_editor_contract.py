@@ -130,14 +130,16 @@ def test_planned_edits_apply_what_apply_would(name, setting, checkpoints):
 @pytest.mark.parametrize("name", [n for n in EDITORS if get_editor(n).replayable])
 def test_replayable_edits_are_wholly_their_deltas(name, setting, checkpoints):
     """What a resumed held edit set relies on: a fresh editor, prepared on the unedited model, with the first edit's
-    deltas added back, makes the second edit of a sequence exactly as the editor that made the first one did."""
+    deltas added back, makes the second edit of a sequence exactly as the editor that made the first one did. The
+    first call edits two facts at once (a multi-fact case), whose deltas must add back to the very same weights."""
     from lm_eval_xke.editors import apply_weight_deltas
 
     model, tokenizer = setting
     editor, hp = editor_and_hparams(name, model, checkpoints)
     before = parameter_hashes(model)
-    first = editor.apply(model, tokenizer, REQUESTS[:1], hp)
-    second = editor.apply(model, tokenizer, REQUESTS[1:], hp)
+    first = editor.apply(model, tokenizer, REQUESTS, hp)
+    first_hashes = parameter_hashes(model)
+    second = editor.apply(model, tokenizer, REQUESTS[:1], hp)
     whole = parameter_hashes(model)
     second.restore()
     first.restore()
@@ -146,7 +148,8 @@ def test_replayable_edits_are_wholly_their_deltas(name, setting, checkpoints):
     resumed, _ = editor_and_hparams(name, model, checkpoints)
     resumed.prepare(model, tokenizer, hp)
     replayed = apply_weight_deltas(model, first.deltas)
-    later = resumed.apply(model, tokenizer, REQUESTS[1:], hp)
+    assert parameter_hashes(model) == first_hashes
+    later = resumed.apply(model, tokenizer, REQUESTS[:1], hp)
     assert parameter_hashes(model) == whole
     later.restore()
     replayed.restore()
