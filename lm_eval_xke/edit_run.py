@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from lm_eval_xke.cases import EditCase, Question
-from lm_eval_xke.editors import AppliedEdit
+from lm_eval_xke.editors import AppliedEdit, restore_all
 from lm_eval_xke.failed_edits import failed_answer
 from lm_eval_xke.journal import CaseEntry, Journal, JournalError, digest
 
@@ -171,8 +171,7 @@ class EditRun:
                 if work.key in failed:
                     self.fail_positions(work.positions_in(self.requests, "final"), failed[work.key])
         finally:
-            for edit in reversed(edits):
-                edit.restore()
+            restore_all(edits)
 
     def answer_from_journal(self) -> dict[tuple[str, int], CaseEntry]:
         """Fill in the answers of journaled cases; the cases done (a batch only when all of its cases are)."""

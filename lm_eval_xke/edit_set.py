@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lm_eval_xke.cases import EditCase
 from lm_eval_xke.data import sha256_of
-from lm_eval_xke.editors import AppliedEdit, EditorError, WeightDelta, apply_weight_deltas
+from lm_eval_xke.editors import AppliedEdit, EditorError, WeightDelta, apply_weight_deltas, restore_all
 from lm_eval_xke.journal import FRESH_START, CaseEntry, Journal, JournalError, digest
 
 if TYPE_CHECKING:
@@ -147,9 +147,7 @@ class HeldSetJournal:
                     f"weights that run had (another torch or device?). {FRESH_START}"
                 )
         except BaseException:
-            for _, edit in reversed(replayed):
-                if edit is not None:
-                    edit.restore()
+            restore_all([edit for _, edit in replayed if edit is not None])
             raise
         if replayed:
             log.info("xke edit_set: %d editor call(s) resumed from %s", len(replayed), self.journal.path)

@@ -94,6 +94,20 @@ class AppliedEdit:
         self.restored = True
 
 
+def restore_all(edits: Sequence[AppliedEdit]) -> None:
+    """Undo edits applied one after another, newest first: the oldest handle holds the weights as they were."""
+    for edit in reversed(edits):
+        edit.restore()
+
+
+def combined_edit(applied: Sequence[AppliedEdit], info: Mapping[str, Any] | None = None) -> AppliedEdit:
+    """One handle for edits applied one after another: restores them all and lists their deltas in the order they
+    were added (added back in that order they give the very same weights; merged per weight they would round
+    differently, and a resumed held set would be refused)."""
+    applied = list(applied)
+    return AppliedEdit(restore=lambda: restore_all(applied), deltas=[d for a in applied for d in a.deltas], info=info)
+
+
 def apply_weight_deltas(model, deltas: Sequence[WeightDelta], info: Mapping[str, Any] | None = None) -> AppliedEdit:
     """Add each delta to its parameter in place; the returned edit restores the saved originals bit-exactly."""
     import torch

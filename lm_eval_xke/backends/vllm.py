@@ -36,7 +36,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval_xke.backends import vllm_engine as engine
 from lm_eval_xke.backends.hf import HFBackend, Readout
 from lm_eval_xke.backends.vllm_lora import adapter_rank, module_of, smallest_vllm_rank, write_adapter
-from lm_eval_xke.editors import AppliedEdit, EditorError, apply_weight_deltas
+from lm_eval_xke.editors import AppliedEdit, EditorError, apply_weight_deltas, restore_all
 
 log = logging.getLogger("lm_eval.models.xke")
 
@@ -220,8 +220,7 @@ class VLLMBackend:
             self._mirror({module_of(d.parameter) for d in _deltas(edits)})
             self._route("in_place", self._on_vllm(llm, prepare), items, indices, results)
         finally:
-            for edit in reversed(applied):
-                edit.restore()
+            restore_all(applied)
 
     def _on_vllm(self, llm, prepare: Callable) -> Callable[[list], list]:
         return lambda chosen: engine.run(llm, [prepare(item) for item in chosen])

@@ -18,8 +18,16 @@ import torch
 from lm_eval_xke.cases import EditRequest
 from lm_eval_xke.editing.hooks import device_of
 from lm_eval_xke.editing.model_state import evaluating
-from lm_eval_xke.editors import AppliedEdit, EditorError, EditPlan, HyperParams, apply_weight_deltas
-from lm_eval_xke.plugins.rome import RomeEditor, restore_all
+from lm_eval_xke.editors import (
+    AppliedEdit,
+    EditorError,
+    EditPlan,
+    HyperParams,
+    apply_weight_deltas,
+    combined_edit,
+    restore_all,
+)
+from lm_eval_xke.plugins.rome import RomeEditor
 from lm_eval_xke.plugins.rome.compute_v import ValueSolution, compute_values
 from lm_eval_xke.stats import CorpusError, key_statistics, module_input_width, parse_corpus
 
@@ -115,11 +123,7 @@ class MemitEditor(RomeEditor):
                 for r, s in zip(requests, solutions, strict=True)
             ],
         }
-        return AppliedEdit(
-            restore=lambda: restore_all(applied),
-            deltas=[d for a in applied for d in a.deltas],
-            info=info,
-        )
+        return combined_edit(applied, info)
 
     def key_side(
         self, model, module: str, keys: torch.Tensor, mom2: torch.Tensor, hp: MemitHyperParams

@@ -22,7 +22,9 @@ from lm_eval_xke.editors import (
     EditPlan,
     HyperParams,
     apply_weight_deltas,
+    combined_edit,
     edited_module,
+    restore_all,
 )
 from lm_eval_xke.stats import CorpusError, key_statistics, parse_corpus
 
@@ -124,12 +126,9 @@ class RomeEditor(Editor):
         return edit, record
 
     def handle(self, hp: RomeHyperParams, written: Sequence[tuple[AppliedEdit, dict]]) -> AppliedEdit:
-        """One handle for the written requests: restores them all, exposes their deltas in the order they were added
-        (added back in that order they give the very same weights; merged they would round differently)."""
-        applied = [edit for edit, _ in written]
-        return AppliedEdit(
-            restore=lambda: restore_all(applied),
-            deltas=[d for a in applied for d in a.deltas],
+        """One handle for the written requests (:func:`combined_edit`), with each request's record."""
+        return combined_edit(
+            [edit for edit, _ in written],
             info={"method": self.name, "module": hp.module_name, "requests": [record for _, record in written]},
         )
 
@@ -168,12 +167,6 @@ class RomeEditor(Editor):
             )[hp.module_name]
             per_model[key] = inverse_second_moment(mom2).to(model.get_submodule(hp.module_name).weight.device)
         return per_model[key]
-
-
-def restore_all(applied: Sequence[AppliedEdit]) -> None:
-    # newest first: the oldest handle holds the weights as they were before any edit
-    for edit in reversed(applied):
-        edit.restore()
 
 
 __all__ = ["RomeEditor", "RomeHyperParams"]
